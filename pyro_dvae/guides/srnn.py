@@ -1,0 +1,60 @@
+"""Guides of the SRNN (9.2).
+
+- ``smoothing`` (the paper's, 9.9-9.12): q(z_t | z_{t-1}, g<-_t) with g<-_t = e_g([h_t, x_t], g<-_{t+1}) a
+  backward LSTM over MLP([h_t, x_t], 256, Tanh), and e_z = MLP([z_{t-1}, g<-_t], 64, Tanh, 32, Tanh)
+  (13.1.5); equivalently q(z_t | z_{t-1}, x_{1:T}) (9.13), the form of the exact posterior (9.8).
+- ``filtering`` (end of 9.2): the "instantaneous" e_z(z_{t-1}, h_t, x_t), i.e. q(z_t | z_{t-1}, x_{1:t}),
+  here MLP([z_{t-1}, h_t, MLP(x_t, 256, Tanh)], 64, Tanh, 32, Tanh).
+
+Both use the model's h_t, computed once per sequence (shared with the model, 13.1.5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.base import Guide
+from ..nn import MLP, RNN, GaussianHead
+
+
+class SRNNGuide(Guide):
+    """Parameterises q(z_t | z_{t-1}, x_{1:T}) with a backward LSTM on [h_t, x_t] (9.9-9.12)."""
+
+    name = "smoothing"
+
+    def __init__(self, model, hidden=128):
+        super().__init__(model)
+        self.hx_features = MLP(model.hidden + model.x_dim, 256, "tanh")
+        self.g_rnn = RNN(256, hidden, reverse=True)                      # (9.10)
+        self.combiner = MLP(model.z_dim + hidden, 64, "tanh", 32, "tanh")  # (9.11)
+        self.head = GaussianHead(32, model.z_dim)
+
+    def summary(self, x, h, mask):
+        return self.g_rnn(self.hx_features(torch.cat([h, x], -1)), mask)
+
+    def guide(self, x, u=None, mask=None):
+        h = self.model.shared_context(x, u, mask)["h"]
+        g = self.summary(x, h, mask)
+
+        def step(t, z_prev):
+            return self.head(self.combiner(torch.cat([z_prev, g[:, t]], -1)))
+
+        self.sample_chain("z", x, mask, step)
+
+
+class SRNNFilteringGuide(SRNNGuide):
+    """Parameterises q(z_t | z_{t-1}, h_t, x_t) = q(z_t | z_{t-1}, x_{1:t}) (end of 9.2)."""
+
+    name = "filtering"
+
+    def __init__(self, model, hidden=128):
+        super(SRNNGuide, self).__init__(model)
+        self.x_features = MLP(model.x_dim, 256, "tanh")
+        self.combiner = MLP(model.z_dim + model.hidden + 256, 64, "tanh", 32, "tanh")
+        self.head = GaussianHead(32, model.z_dim)
+
+    def summary(self, x, h, mask):
+        return torch.cat([h, self.x_features(x)], -1)
+
+
+GUIDES = {g.name: g for g in (SRNNGuide, SRNNFilteringGuide)}

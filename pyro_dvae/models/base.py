@@ -1,0 +1,271 @@
+"""The DVAE base class (chapter 4) and the base class of its guides.
+
+A DVAE is a generative model p(x_{1:T}, z_{1:T} | u_{1:T}) (4.4) written as a Pyro ``model`` and one or
+more Pyro guides q(z_{1:T} | x_{1:T}, u_{1:T}) (4.2).  Both take the same arguments::
+
+    model(x, u=None, mask=None, num_sequences=None, beta=1.0)
+    guide(x, u=None, mask=None, num_sequences=None, beta=1.0)
+
+- ``x``: (batch, T, F) observed sequence (a power spectrogram for speech), batch first.
+- ``u``: optional (batch, T, U) external input (driven mode, 4.1.1).
+- ``mask``: optional (batch, T) bool, False on padded frames of variable-length sequences.
+- ``num_sequences``: size of the data set the batch was drawn from; the batch plate is subsampled
+  with it so the ELBO is on the scale of the whole data set.
+- ``beta``: weight of the latent terms (KL warm-up); 1 gives the VLB.
+
+Sites are named ``NAME_t`` with t = 1..T as in the paper: ``z_1 ... z_T`` (latent) and ``x_1 ... x_T``
+(observed), inside ``pyro.markov`` and a ``pyro.plate("sequences")`` over the batch.  Their
+distributions are views of per-sequence computations (:mod:`pyro_dvae.distributions.sequence`), so
+a subclass writes its networks once, vectorised over time:
+
+- :meth:`DVAE.context` (optional): deterministic states that depend on observed inputs only (for
+  example SRNN's h_t(x_{1:t-1})), computed once per sequence and shared with the guide.
+- :meth:`DVAE.prior`: (loc, scale) of p(z_t | ...) for all t from the whole z (batch, T, L), using
+  only z_{1:t-1} at step t.
+- :meth:`DVAE.emission`: decoder outputs for p(x_t | ...) for all t, from z and the context.
+
+Models whose structure does not fit (a sequence-level latent, a Kalman smoother) override
+:meth:`DVAE.model` and use the same helpers.  Generation (:meth:`DVAE.generate`) samples from the
+prior step by step by evaluating these causal functions on the growing prefix; reconstruction
+(:meth:`DVAE.reconstruct`) encodes with a guide and decodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+import pyro
+import pyro.poutine as poutine
+from pyro.poutine.messenger import Messenger
+
+from ..distributions import NormalSequence, ObservationSequence, get_likelihood
+
+_instance_counter = itertools.count()
+
+
+def _unique_pyro_name(prefix: str) -> str:
+    # Each instance registers its parameters under its own name: a second model built under an
+    # existing name would silently keep the old parameters in Pyro's global param store.
+    return f"{prefix}_{next(_instance_counter)}"
+
+
+class DVAE(nn.Module):
+    """Base class of every DVAE model (p_theta).  Subclasses set ``name`` and implement
+    :meth:`prior` and :meth:`emission` (and :meth:`context` when they have deterministic states
+    driven by observed inputs)."""
+
+    name: Optional[str] = None
+    #: the paper's predictive mode (x_{t-1} feeds time t); used by generation and reports
+    predictive = False
+    #: whether x_t depends only on z_{1:t} (and x_{1:t-1}); prefix generation needs it
+    causal_generation = True
+
+    def __init__(self, x_dim: int = 257, z_dim: int = 16, likelihood="is", u_dim: int = 0):
+        super().__init__()
+        self.x_dim, self.z_dim, self.u_dim = int(x_dim), int(z_dim), int(u_dim)
+        self.likelihood = get_likelihood(likelihood)
+        self.num_params = self.likelihood.num_params(self.x_dim)
+        self.pyro_name = _unique_pyro_name(self.name or type(self).__name__.lower())
+        self._context_cache = None
+
+    # ---- subclass hooks -------------------------------------------------------------------
+    def context(self, x: torch.Tensor, u: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Deterministic quantities that depend on observed inputs only (vectorised)."""
+        return {}
+
+    def prior(self, z: torch.Tensor, ctx: dict, x: torch.Tensor,
+              u: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of p(z_t | ...) for all t, each (batch, T, z_dim).  Default N(0, I)."""
+        return torch.zeros_like(z), torch.ones_like(z)
+
+    def emission(self, z: torch.Tensor, ctx: dict, x: torch.Tensor,
+                 u: Optional[torch.Tensor]) -> torch.Tensor:
+        """Decoder outputs (batch, T, num_params) of p(x_t | ...) for all t."""
+        raise NotImplementedError
+
+    # ---- the Pyro model ---------------------------------------------------------------------
+    def model(self, x: torch.Tensor, u: Optional[torch.Tensor] = None,
+              mask: Optional[torch.Tensor] = None, num_sequences: Optional[int] = None,
+              beta: float = 1.0) -> None:
+        """p(x_{1:T}, z_{1:T} | u_{1:T}): z_t sites, then x_t sites, per time step."""
+        self.check_inputs(x, u, mask)
+        pyro.module(self.pyro_name, self)
+        with self.plate(x, num_sequences):
+            ctx = self.shared_context(x, u, mask)
+            with poutine.scale(scale=beta):
+                z = self.sample_latents(
+                    "z", x, mask, compute=lambda z_: self.prior(z_, ctx, x, u))
+            self.observe("x", x, mask, lambda: self.emission(z.stacked(), ctx, x, u))
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ---- helpers shared by models and guides -------------------------------------------------
+    def check_inputs(self, x, u=None, mask=None) -> None:
+        assert x.dim() == 3, f"{self.name}: x must be (batch, T, F), got shape {tuple(x.shape)}"
+        assert x.shape[-1] == self.x_dim, (
+            f"{self.name}: x has {x.shape[-1]} features, the model was built for {self.x_dim}")
+        if u is not None:
+            assert self.u_dim, f"{self.name}: an input u was given to an undriven model (u_dim=0)"
+            assert u.shape[:2] == x.shape[:2] and u.shape[-1] == self.u_dim, (
+                f"{self.name}: u must be (batch, T, {self.u_dim}), got {tuple(u.shape)}")
+        if mask is not None:
+            assert mask.shape == x.shape[:2], (
+                f"{self.name}: mask must be (batch, T) = {tuple(x.shape[:2])}, "
+                f"got {tuple(mask.shape)}")
+
+    @staticmethod
+    def plate(x: torch.Tensor, num_sequences: Optional[int] = None):
+        """The batch plate, subsampled from a data set of ``num_sequences`` sequences."""
+        batch = x.shape[0]
+        size = batch if num_sequences is None else max(int(num_sequences), batch)
+        return pyro.plate("sequences", size, subsample=torch.arange(batch, device=x.device))
+
+    def shared_context(self, x, u=None, mask=None) -> dict:
+        """:meth:`context`, computed once when the guide and then the model see the same x.
+
+        The guide stores it and the next model call with the same inputs and unchanged
+        parameters takes it (SPEC section 5: share deterministic states between model and guide).
+        """
+        key = self._context_key(x, u, mask)
+        cache, self._context_cache = self._context_cache, None
+        if cache is not None and cache[0] == key and cache[1] is x:
+            return cache[2]
+        ctx = self.context(x, u, mask)
+        self._context_cache = (key, x, ctx)
+        return ctx
+
+    def _context_key(self, x, u, mask):
+        versions = tuple(p._version for p in self.parameters())
+        return (id(x), id(u), id(mask), x.dtype, torch.is_grad_enabled(), versions)
+
+    def sample_latents(self, name: str, x: torch.Tensor, mask=None, compute: Callable = None,
+                       dim: Optional[int] = None) -> NormalSequence:
+        """Sample sites ``name_1 .. name_T`` from a prior computed by ``compute(z) -> (loc, scale)``."""
+        batch, T = x.shape[:2]
+        seq = NormalSequence(batch, T, dim or self.z_dim, x, mask, compute=compute)
+        for t in pyro.markov(range(T)):
+            seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t)))
+        return seq
+
+    def observe(self, name: str, x: torch.Tensor, mask, compute: Callable) -> ObservationSequence:
+        """Observed sites ``name_1 .. name_T`` with decoder outputs ``compute()`` (batch, T, P)."""
+        batch, T, F = x.shape
+        seq = ObservationSequence(batch, T, F, x, self.likelihood, compute, mask)
+        for t in pyro.markov(range(T)):
+            seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t), obs=x[:, t]))
+        return seq
+
+    # ---- generation and reconstruction ---------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, T: int, n: int = 1, u: Optional[torch.Tensor] = None,
+                 feedback: str = "sample") -> Dict[str, torch.Tensor]:
+        """Sample n sequences of T frames from the prior p(x_{1:T}, z_{1:T} | u).
+
+        Step by step: z_t from p(z_t | past), then x_t from p(x_t | past, z_t); a predictive model
+        feeds its own x_t back (``feedback="sample"``, ancestral sampling, or ``"mean"``, the
+        expected frame).  Returns ``x`` (samples), ``mean`` (E[x_t | ...], for speech the power
+        spectrogram sigma^2) and ``z``, each (n, T, .).
+        """
+        if not self.causal_generation:
+            raise NotImplementedError(f"{type(self).__name__} must override generate()")
+        p = next(self.parameters())
+        x = torch.zeros(n, T, self.x_dim, dtype=p.dtype, device=p.device)
+        mean = torch.zeros_like(x)
+        z = torch.zeros(n, T, self.z_dim, dtype=p.dtype, device=p.device)
+        for t in range(T):
+            xp, zp = x[:, :t + 1], z[:, :t + 1]
+            up = None if u is None else u[:, :t + 1]
+            ctx = self.context(xp, up, None)
+            loc, scale = self.prior(zp, ctx, xp, up)
+            z[:, t] = loc[:, t] + scale[:, t] * torch.randn_like(loc[:, t])
+            params = self.emission(z[:, :t + 1], ctx, xp, up)[:, t]
+            mean[:, t] = self.likelihood.mean(params)
+            x[:, t] = self.likelihood.sample(params) if feedback == "sample" else mean[:, t]
+        return {"x": x, "mean": mean, "z": z}
+
+    @torch.no_grad()
+    def reconstruct(self, guide: Callable, x: torch.Tensor, u: Optional[torch.Tensor] = None,
+                    mask: Optional[torch.Tensor] = None, sample: bool = False) -> torch.Tensor:
+        """Encode x with ``guide`` and decode: E[x_t | z, ...] for every t, (batch, T, F).
+
+        With ``sample=False`` each latent takes its guide mean (fed forward through the guide's
+        recursion); with ``sample=True`` a draw from the guide.
+        """
+        guide_fn = guide if sample else use_mean(guide)
+        guide_trace = poutine.trace(guide_fn).get_trace(x, u, mask)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
+            x, u, mask)
+        for site in model_trace.nodes.values():
+            fn = site.get("fn")
+            if site.get("type") == "sample" and isinstance(getattr(fn, "seq", None),
+                                                           ObservationSequence):
+                return self.likelihood.mean(fn.seq.params())
+        raise RuntimeError(f"{type(self).__name__}.model has no observation sequence")
+
+
+class _UseMean(Messenger):
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and msg["value"] is None:
+            msg["value"] = msg["fn"].mean
+
+
+def use_mean(fn: Callable) -> Callable:
+    """Run ``fn`` with every latent site set to its distribution's mean."""
+    return _UseMean()(fn)
+
+
+class Guide(nn.Module):
+    """Base class of the guides q_phi(z | x, u).  Subclasses set ``name`` (the variant, for example
+    ``"dks"``), a docstring naming the density, and implement :meth:`guide`.
+
+    A guide holds a reference to its model (not as a submodule, so the model's parameters are not
+    registered twice) to share deterministic states such as SRNN's h_t.
+    """
+
+    name: Optional[str] = None
+
+    def __init__(self, model: DVAE):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        self.z_dim, self.x_dim, self.u_dim = model.z_dim, model.x_dim, model.u_dim
+        self.pyro_name = _unique_pyro_name(f"{model.pyro_name}_guide_{self.name or 'q'}")
+
+    def forward(self, x: torch.Tensor, u: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, num_sequences: Optional[int] = None,
+                beta: float = 1.0) -> None:
+        self.model.check_inputs(x, u, mask)
+        pyro.module(self.pyro_name, self)
+        with self.model.plate(x, num_sequences), poutine.scale(scale=beta):
+            self.guide(x, u, mask)
+
+    def guide(self, x, u=None, mask=None) -> None:
+        raise NotImplementedError
+
+    # helpers ---------------------------------------------------------------------------------
+    def sample_independent(self, name: str, x: torch.Tensor, mask, loc: torch.Tensor,
+                           scale: torch.Tensor) -> NormalSequence:
+        """Sites ``name_t`` with parameters known for all steps at once (no z recursion)."""
+        batch, T = x.shape[:2]
+        seq = NormalSequence(batch, T, loc.shape[-1], x, mask, loc=loc, scale=scale)
+        for t in pyro.markov(range(T)):
+            seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t)))
+        return seq
+
+    def sample_chain(self, name: str, x: torch.Tensor, mask, step: Callable,
+                     dim: Optional[int] = None) -> NormalSequence:
+        """Sites ``name_t`` sampled in order; ``step(t, z_prev) -> (loc, scale)`` with z_prev the
+        previous sample (zeros at t = 1), each (batch, dim)."""
+        batch, T = x.shape[:2]
+        dim = dim or self.z_dim
+        seq = NormalSequence(batch, T, dim, x, mask)
+        z_prev = x.new_zeros(batch, dim)
+        for t in pyro.markov(range(T)):
+            loc, scale = step(t, z_prev)
+            z_prev = seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t, loc, scale)))
+        return seq

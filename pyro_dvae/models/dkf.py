@@ -1,0 +1,60 @@
+"""DKF / DMM: deep Kalman filter (chapter 5, Krishnan et al. 2015, 2017).
+
+Generative model (3.9-3.12, 5.1):  p(x, z | u) = prod_t p(x_t | z_t) p(z_t | z_{t-1}, u_t),  z_0 = 0.
+
+Architecture (13.1.1):
+- gated transition d_z (13.1-13.5):
+  nu_t = MLP(z_{t-1}, 16, ReLU, 16, Sigmoid),  mu^nonlin_t = MLP(z_{t-1}, 16, ReLU, 16, I),
+  mu^lin_t = MLP(z_{t-1}, 16, I),  mu_t = (1 - nu_t) * mu^lin_t + nu_t * mu^nonlin_t,
+  sigma^2_t = MLP(ReLU(mu^nonlin_t), 16, Softplus);
+- emission d_x = MLP(z_t, 32, Tanh, 64, Tanh, 128, Tanh, 256, Tanh) + linear output.
+
+In driven mode the transition networks take [z_{t-1}, u_t].  The guides (DKS and the variants of
+5.2) are in guides/dkf.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import MLP, shift_right
+from .base import DVAE
+
+
+class GatedTransition(nn.Module):
+    """Parameterises p(z_t | z_{t-1}, u_t): the gated transition of 13.1-13.5."""
+
+    def __init__(self, in_dim: int, z_dim: int, hidden: int = 16):
+        super().__init__()
+        self.gate = MLP(in_dim, hidden, "relu", z_dim, "sigmoid")           # (13.1)
+        self.nonlin = MLP(in_dim, hidden, "relu", z_dim, "linear")          # (13.2)
+        self.lin = nn.Linear(in_dim, z_dim)                                 # (13.3)
+        self.var = MLP(z_dim, z_dim, "softplus")                            # (13.5)
+
+    def forward(self, z_prev):
+        nu = self.gate(z_prev)
+        mu_nonlin = self.nonlin(z_prev)
+        loc = (1 - nu) * self.lin(z_prev) + nu * mu_nonlin                  # (13.4)
+        scale = torch.sqrt(self.var(torch.relu(mu_nonlin)) + 1e-8)
+        return loc, scale
+
+
+class DKF(DVAE):
+    """Deep Kalman filter: first-order Markov z_t, x_t | z_t."""
+
+    name = "dkf"
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0):
+        super().__init__(x_dim, z_dim, likelihood, u_dim)
+        self.transition = GatedTransition(z_dim + u_dim, z_dim)
+        #: parameterises p(x_t | z_t) (3.11)
+        self.decoder = MLP(z_dim, 32, "tanh", 64, "tanh", 128, "tanh", 256, "tanh")
+        self.x_out = nn.Linear(256, self.num_params)
+
+    def prior(self, z, ctx, x, u):
+        z_prev = shift_right(z)
+        return self.transition(z_prev if u is None else torch.cat([z_prev, u], -1))
+
+    def emission(self, z, ctx, x, u):
+        return self.x_out(self.decoder(z))

@@ -1,0 +1,52 @@
+"""SRNN: stochastic recurrent neural network (chapter 9, Fraccaro et al. 2016), predictive mode.
+
+Generative model (9.1-9.7):
+  h_t = d_h(x_{t-1}, h_{t-1})                       (9.1)  [driven mode: d_h(x_{t-1}, u_t, h_{t-1})]
+  p(z_t | z_{t-1}, h_t) = N(d_z(z_{t-1}, h_t))       (9.4-9.5)
+  p(x_t | z_t, h_t) with d_x(z_t, h_t)               (9.2-9.3)
+compact form: p(x, z) = prod_t p(x_t | x_{1:t-1}, z_t) p(z_t | z_{t-1}, x_{1:t-1})  (9.7).
+
+Architecture (13.1.5): d_h is an LSTM (128) with input MLP(x_{t-1}, 256, Tanh);
+d_z = MLP([z_{t-1}, h_t], 64, Tanh, 32, Tanh); d_x = MLP([z_t, h_t], 256, Tanh); linear outputs.
+h_t depends on observed inputs only, so it is computed once per sequence and shared with the guide.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import MLP, RNN, GaussianHead, shift_right
+from .base import DVAE
+
+
+class SRNN(DVAE):
+    """SRNN: deterministic h_t(x_{1:t-1}) and a Markov z_t on top of it."""
+
+    name = "srnn"
+    predictive = True
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, hidden=128):
+        super().__init__(x_dim, z_dim, likelihood, u_dim)
+        self.hidden = hidden
+        self.x_features = MLP(x_dim, 256, "tanh")
+        #: d_h (9.1): forward LSTM over MLP(x_{t-1}, 256, Tanh) [and u_t]
+        self.h_rnn = RNN(256 + u_dim, hidden)
+        #: parameterises p(z_t | z_{t-1}, h_t) (9.4)
+        self.prior_net = MLP(z_dim + hidden, 64, "tanh", 32, "tanh")
+        self.prior_head = GaussianHead(32, z_dim)
+        #: parameterises p(x_t | z_t, h_t) (9.2)
+        self.decoder = MLP(z_dim + hidden, 256, "tanh")
+        self.x_out = nn.Linear(256, self.num_params)
+
+    def context(self, x, u, mask):
+        inp = shift_right(self.x_features(x))
+        if u is not None:
+            inp = torch.cat([inp, u], -1)
+        return {"h": self.h_rnn(inp)}
+
+    def prior(self, z, ctx, x, u):
+        return self.prior_head(self.prior_net(torch.cat([shift_right(z), ctx["h"]], -1)))
+
+    def emission(self, z, ctx, x, u):
+        return self.x_out(self.decoder(torch.cat([z, ctx["h"]], -1)))

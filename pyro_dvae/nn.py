@@ -1,0 +1,136 @@
+"""Shared network blocks in the paper's notation (13.1).
+
+``MLP(y, n1, f1, ..., nL, fL)`` is an L-layer perceptron whose l-th layer has ``n_l`` outputs and
+activation ``f_l``; ``mlp(in_dim, 256, "tanh")`` builds ``MLP(y, 256, Tanh)``.  Layers that output
+distribution parameters are plain ``nn.Linear`` (13.1: "always linearly activated").
+
+The RNN wrappers run over a whole (batch, time, features) sequence at once, forward or backward in
+time, and can also be stepped one frame at a time with an explicit state, so a model and its guide
+can share one set of weights between vectorised and sequential use.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "linear": nn.Identity,
+    "identity": nn.Identity,
+}
+
+
+class MLP(nn.Sequential):
+    """``MLP(y, n1, f1, ..., nL, fL)`` of 13.1: ``MLP(in_dim, 256, "tanh", 128, "tanh")``.
+
+    With no layers given it is the identity map (``out_dim == in_dim``).
+    """
+
+    def __init__(self, in_dim: int, *spec):
+        if len(spec) % 2:
+            raise ValueError(f"MLP spec must alternate sizes and activations, got {spec!r}")
+        layers = []
+        dim = in_dim
+        for n, f in zip(spec[::2], spec[1::2]):
+            if f.lower() not in ACTIVATIONS:
+                raise ValueError(f"unknown activation {f!r}; choose from {sorted(ACTIVATIONS)}")
+            layers += [nn.Linear(dim, int(n)), ACTIVATIONS[f.lower()]()]
+            dim = int(n)
+        super().__init__(*layers)
+        self.in_dim = in_dim
+        self.out_dim = dim
+
+
+class GaussianHead(nn.Module):
+    """Linear output layer giving the mean and standard deviation of a diagonal Gaussian.
+
+    The variance is log-parameterised (13.1): the layer outputs ``log sigma^2``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.loc = nn.Linear(in_dim, out_dim)
+        self.logvar = nn.Linear(in_dim, out_dim)
+
+    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.loc(h), torch.exp(0.5 * self.logvar(h))
+
+
+RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class RNN(nn.Module):
+    """A single-direction recurrent layer over time, batch first.
+
+    ``RNN(in_dim, hidden, cell="lstm", reverse=False)``: ``forward(y)`` maps (batch, T, in_dim) to
+    (batch, T, hidden); with ``reverse=True`` it runs from t = T down to 1 (a backward RNN, output at
+    t summarising y_{t:T}).  ``step(y_t, state)`` advances one frame for sequential use.
+    An optional ``mask`` (batch, T) makes a backward RNN start at each sequence's own last frame.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, cell: str = "lstm", reverse: bool = False,
+                 num_layers: int = 1):
+        super().__init__()
+        if cell not in RNN_TYPES:
+            raise ValueError(f"unknown RNN cell {cell!r}; choose from {sorted(RNN_TYPES)}")
+        self.rnn = RNN_TYPES[cell](in_dim, hidden, num_layers=num_layers, batch_first=True)
+        self.cell, self.reverse, self.hidden = cell, reverse, hidden
+        self.in_dim = in_dim
+
+    def forward(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                state=None) -> torch.Tensor:
+        if not self.reverse:
+            out, _ = self.rnn(y, state)
+            return out
+        if mask is None:
+            out, _ = self.rnn(y.flip(1), state)
+            return out.flip(1)
+        # Padded sequences: reverse each sequence within its own length so that the backward
+        # recursion starts at its last real frame (padding stays at the end).
+        idx = _reverse_index(mask)
+        out, _ = self.rnn(_gather_time(y, idx), state)
+        return _gather_time(out, idx)
+
+    def step(self, y_t: torch.Tensor, state=None):
+        """One step: y_t (batch, in_dim) -> (output (batch, hidden), new state)."""
+        out, state = self.rnn(y_t.unsqueeze(1), state)
+        return out.squeeze(1), state
+
+
+class BiRNN(nn.Module):
+    """Forward and backward RNNs over the same input, outputs concatenated (batch, T, 2*hidden)."""
+
+    def __init__(self, in_dim: int, hidden: int, cell: str = "lstm"):
+        super().__init__()
+        self.fwd = RNN(in_dim, hidden, cell)
+        self.bwd = RNN(in_dim, hidden, cell, reverse=True)
+        self.out_dim = 2 * hidden
+
+    def forward(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.cat([self.fwd(y), self.bwd(y, mask)], -1)
+
+
+def _reverse_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index (batch, T) that reverses each sequence inside its valid length."""
+    lengths = mask.sum(1, keepdim=True).long()
+    t = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _gather_time(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return y.gather(1, idx.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
+
+def shift_right(y: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y_{t-1} aligned with t: (batch, T, D) -> (batch, T, D), with ``first`` (default 0) at t = 1."""
+    if first is None:
+        first = y.new_zeros(y.shape[0], 1, y.shape[-1])
+    elif first.dim() == 2:
+        first = first.unsqueeze(1)
+    return torch.cat([first, y[:, :-1]], 1)
