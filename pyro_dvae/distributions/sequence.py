@@ -121,10 +121,11 @@ class NormalSequence(_Sequence):
             return self._step_params[t]
         if self._compute is None:
             raise RuntimeError(f"no parameters were given for step {t + 1}")
-        # Per-step path: evaluate the causal computation on the prefix (value at t unused).
+        # Per-step path: evaluate the causal computation with the values of steps >= t (not yet
+        # known, and unused by step t) replaced by zeros.
         filler = torch.zeros(self.batch, self.dim, dtype=self.dtype, device=self.device)
-        prefix = [v if v is not None else filler for v in self.values[:t]] + [filler]
-        loc, scale = self._compute(torch.stack(prefix, 1))
+        values = [v if (v is not None and s < t) else filler for s, v in enumerate(self.values)]
+        loc, scale = self._compute(torch.stack(values, 1))
         return loc[:, t], scale[:, t]
 
     def log_prob(self) -> torch.Tensor:

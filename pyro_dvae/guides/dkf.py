@@ -68,6 +68,8 @@ class DKFGuide(Guide):
         if self.context == "t":
             parts.append(self.frame_net(feat))
         if self.context == "local":
+            if mask is not None:  # a padded neighbour is treated like the boundary (zeros)
+                feat = feat * mask.unsqueeze(-1).to(feat.dtype)
             nxt = shift_right(feat.flip(1)).flip(1)
             parts.append(self.frame_net(torch.cat([shift_right(feat), feat, nxt], -1)))
         return parts
