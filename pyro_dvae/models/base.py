@@ -33,7 +33,7 @@ prior step by step by evaluating these causal functions on the growing prefix; r
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -87,6 +87,16 @@ class DVAE(nn.Module):
                  u: Optional[torch.Tensor]) -> torch.Tensor:
         """Decoder outputs (batch, T, num_params) of p(x_t | ...) for all t."""
         raise NotImplementedError
+
+    def frozen_parameters(self, epoch: int) -> Set[str]:
+        """Names (as in ``self.named_parameters()``) that training must not change during
+        ``epoch`` (0-based index of the epoch about to run).
+
+        :func:`pyro_dvae.train.fit` calls it before every epoch and drops the gradients of these
+        parameters before each optimiser step, so Adam leaves them (and their moment estimates)
+        untouched.  For multi-phase schedules such as KVAE's (13.1.2); default: nothing frozen.
+        """
+        return set()
 
     # ---- the Pyro model ---------------------------------------------------------------------
     def model(self, x: torch.Tensor, u: Optional[torch.Tensor] = None,
