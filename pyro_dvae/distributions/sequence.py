@@ -51,17 +51,19 @@ class _Sequence:
         self.dtype, self.device = like.dtype, like.device
         self.mask = None if mask is None else mask.to(like.dtype)
         self.values: List[Optional[torch.Tensor]] = [None] * T
+        self._num_recorded = 0
         self._stacked = None
         self._log_prob = None
 
     def record(self, t: int, value: torch.Tensor) -> torch.Tensor:
+        self._num_recorded += self.values[t] is None
         self.values[t] = value
         self._stacked = None
         self._log_prob = None
         return value
 
     def complete(self) -> bool:
-        return all(v is not None for v in self.values)
+        return self._num_recorded == self.T
 
     def stacked(self) -> torch.Tensor:
         """The recorded values as one (batch, T, dim) tensor."""

@@ -32,6 +32,7 @@ prior step by step by evaluating these causal functions on the growing prefix; r
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable, Dict, Optional, Set, Tuple
 
@@ -107,7 +108,7 @@ class DVAE(nn.Module):
         pyro.module(self.pyro_name, self)
         with self.plate(x, num_sequences):
             ctx = self.shared_context(x, u, mask)
-            with poutine.scale(scale=beta):
+            with kl_weight(beta):
                 z = self.sample_latents(
                     "z", x, mask, compute=lambda z_: self.prior(z_, ctx, x, u))
             self.observe("x", x, mask, lambda: self.emission(z.stacked(), ctx, x, u))
@@ -219,6 +220,13 @@ class DVAE(nn.Module):
         raise RuntimeError(f"{type(self).__name__}.model has no observation sequence")
 
 
+def kl_weight(beta: float):
+    """Scale the latent sites by beta (KL warm-up); no handler at all when beta == 1."""
+    if isinstance(beta, (int, float)) and beta == 1:
+        return contextlib.nullcontext()
+    return poutine.scale(scale=beta)
+
+
 class _UseMean(Messenger):
     def _pyro_sample(self, msg):
         if not msg["is_observed"] and msg["value"] is None:
@@ -251,7 +259,7 @@ class Guide(nn.Module):
                 beta: float = 1.0) -> None:
         self.model.check_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
-        with self.model.plate(x, num_sequences), poutine.scale(scale=beta):
+        with self.model.plate(x, num_sequences), kl_weight(beta):
             self.guide(x, u, mask)
 
     def guide(self, x, u=None, mask=None) -> None:
