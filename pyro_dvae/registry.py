@@ -10,12 +10,20 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Type
 
 from .guides import dkf as dkf_guides
+from .guides import dsae as dsae_guides
+from .guides import rvae as rvae_guides
 from .guides import srnn as srnn_guides
+from .guides import storn as storn_guides
+from .guides import vrnn as vrnn_guides
 from .guides.vae import VAEGuide
 from .models.base import DVAE, Guide
 from .models.dkf import DKF
+from .models.dsae import DSAE
+from .models.rvae import RVAECausal, RVAENonCausal
 from .models.srnn import SRNN
+from .models.storn import STORN
 from .models.vae import VAE
+from .models.vrnn import VRNN
 
 
 @dataclass
@@ -64,3 +72,13 @@ register("vae", VAE, {"frame": VAEGuide}, "frame", "frame-wise VAE baseline (cha
 register("dkf", DKF, dkf_guides.GUIDES, "dks", "deep Kalman filter / DMM (chapter 5, 13.1.1)")
 register("srnn", SRNN, srnn_guides.GUIDES, "smoothing",
          "stochastic recurrent neural network (chapter 9, 13.1.5)")
+register("storn", STORN, storn_guides.GUIDES, "filtering",
+         "stochastic recurrent networks (chapter 7, 13.1.3)")
+register("vrnn", VRNN, vrnn_guides.GUIDES, "filtering",
+         "variational recurrent neural network (chapter 8, 13.1.4)")
+register("rvae-causal", RVAECausal, rvae_guides.CAUSAL_GUIDES, "backward",
+         "recurrent VAE, causal decoder (chapter 10, 13.1.6)")
+register("rvae-noncausal", RVAENonCausal, rvae_guides.NONCAUSAL_GUIDES, "bidirectional",
+         "recurrent VAE, non-causal decoder (chapter 10, 13.1.6)")
+register("dsae", DSAE, dsae_guides.GUIDES, "full",
+         "disentangled sequential autoencoder (chapter 11, 13.1.7)")

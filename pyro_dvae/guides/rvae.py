@@ -1,0 +1,85 @@
+"""Guides of the RVAE (10.2; Leglaive et al. 2020).
+
+The exact posterior is prod_t p(z_t | z_{1:t-1}, x_{T'}) (10.16) with T' = t:T for the causal model
+and 1:T for the non-causal one; both guides have exactly this form (10.17).
+
+- ``backward`` (causal model, 10.18-10.23): g->_t = e(z_{t-1}, g->_{t-1}) a forward LSTM over
+  MLP(z_{t-1}, 32, Tanh, 64, Tanh); g<-_t = e(x_t, g<-_{t+1}) a backward LSTM over MLP(x_t, 256, Tanh);
+  e_z = MLP([g->_t, g<-_t], 64, Tanh, 32, Tanh) and the linear Gaussian head (13.1.6):
+  q(z_t | z_{1:t-1}, x_{t:T}).
+- ``bidirectional`` (non-causal model, 10.24-10.30): the same with a forward LSTM over the same x
+  features added (10.25), g_t = [g->^z_t, g->^x_t, g<-^x_t] (10.27): q(z_t | z_{1:t-1}, x_{1:T}).
+  The forward and backward x LSTMs read one MLP(x_t, 256, Tanh) (a bidirectional LSTM, as in the
+  authors' implementation).
+
+z_0 = 0 enters the z-LSTM through the same MLP.  :class:`RecurrentGuide` is the shared machinery,
+also used by STORN's structure-consistent guide (guides/storn.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.base import Guide
+from ..nn import MLP, RNN, GaussianHead
+
+
+class RecurrentGuide(Guide):
+    """Parameterises q(z_t | z_{1:t-1}, x_{S(t)}): a forward LSTM over MLP(z_{t-1}, 32, Tanh, 64, Tanh)
+    and LSTMs over MLP([x_t, u_t], 256, Tanh) in ``x_directions`` ("forward": x_{1:t},
+    "backward": x_{t:T}), combined by e_z = MLP(g_t, 64, Tanh, 32, Tanh) (10.18-10.30, 13.1.6)."""
+
+    x_directions: tuple[str, ...] = ("backward",)
+    hidden = 128
+
+    def __init__(self, model):
+        super().__init__(model)
+        H = self.hidden
+        self.x_features = MLP(model.x_dim + model.u_dim, 256, "tanh")
+        if "forward" in self.x_directions:
+            self.x_fwd = RNN(256, H)                                   # (10.25)
+        if "backward" in self.x_directions:
+            self.x_bwd = RNN(256, H, reverse=True)                     # (10.19) / (10.26)
+        self.z_features = MLP(model.z_dim, 32, "tanh", 64, "tanh")
+        self.z_rnn = RNN(64, H)                                        # (10.18) / (10.24)
+        self.combiner = MLP(H * (1 + len(self.x_directions)), 64, "tanh", 32, "tanh")  # (10.21)
+        self.head = GaussianHead(32, model.z_dim)
+
+    def x_summary(self, x, u, mask) -> torch.Tensor:
+        """[g->^x_t, g<-^x_t] for all t, (batch, T, H * len(x_directions))."""
+        feat = self.x_features(x if u is None else torch.cat([x, u], -1))
+        parts = []
+        if "forward" in self.x_directions:
+            parts.append(self.x_fwd(feat))
+        if "backward" in self.x_directions:
+            parts.append(self.x_bwd(feat, mask))
+        return torch.cat(parts, -1)
+
+    def guide(self, x, u=None, mask=None):
+        gx = self.x_summary(x, u, mask)
+        state = None
+
+        def step(t, z_prev):
+            nonlocal state
+            gz, state = self.z_rnn.step(self.z_features(z_prev), state)   # g->^z_t(z_{1:t-1})
+            return self.head(self.combiner(torch.cat([gz, gx[:, t]], -1)))  # (10.21-10.22)
+
+        self.sample_chain("z", x, mask, step)
+
+
+class RVAECausalGuide(RecurrentGuide):
+    """Parameterises q(z_t | z_{1:t-1}, x_{t:T}) (10.18-10.23)."""
+
+    name = "backward"
+    x_directions = ("backward",)
+
+
+class RVAENonCausalGuide(RecurrentGuide):
+    """Parameterises q(z_t | z_{1:t-1}, x_{1:T}) (10.24-10.30)."""
+
+    name = "bidirectional"
+    x_directions = ("forward", "backward")
+
+
+CAUSAL_GUIDES = {g.name: g for g in (RVAECausalGuide,)}
+NONCAUSAL_GUIDES = {g.name: g for g in (RVAENonCausalGuide,)}

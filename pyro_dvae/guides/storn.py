@@ -1,0 +1,51 @@
+"""Guides of STORN (7.2).
+
+The exact posterior is prod_t p(z_t | z_{1:t-1}, x_{1:T}) (7.12): D-separation removes nothing.
+
+- ``filtering`` (the paper's, 7.15-7.19): g_t = e_g(x_t, g_{t-1}) a forward LSTM (128) over
+  MLP(x_t, 256, Tanh), e_z = MLP(g_t, 64, Tanh, 32, Tanh) and the linear Gaussian head (13.1.3):
+  q(z_t | x_{1:t}).  It misses z_{1:t-1} and x_{t+1:T} (7.2, Fig. 7.2).
+- ``consistent``: q(z_t | z_{1:t-1}, x_{1:T}), the form of the exact posterior.  The same x features
+  feed a forward and a backward LSTM, z_{1:t-1} enters through a forward LSTM over
+  MLP(z_{t-1}, 32, Tanh, 64, Tanh), and e_z = MLP([g^z_t, g->^x_t, g<-^x_t], 64, Tanh, 32, Tanh):
+  the architecture of the non-causal RVAE guide (10.24-10.28, 13.1.6), which has the same form.
+
+In driven mode the x features read [x_t, u_t].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.base import Guide
+from ..nn import MLP, RNN, GaussianHead
+from .rvae import RecurrentGuide
+
+
+class STORNGuide(Guide):
+    """Parameterises q(z_t | x_{1:t}) with a forward LSTM g_t(x_{1:t}) (7.15-7.17)."""
+
+    name = "filtering"
+    hidden = 128
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.x_features = MLP(model.x_dim + model.u_dim, 256, "tanh")
+        self.g_rnn = RNN(256, self.hidden)                              # e_g (7.15)
+        self.combiner = MLP(self.hidden, 64, "tanh", 32, "tanh")         # e_z (7.16)
+        self.head = GaussianHead(32, model.z_dim)
+
+    def guide(self, x, u=None, mask=None):
+        g = self.g_rnn(self.x_features(x if u is None else torch.cat([x, u], -1)))
+        loc, scale = self.head(self.combiner(g))                         # (7.16-7.17)
+        self.sample_independent("z", x, mask, loc, scale)
+
+
+class STORNConsistentGuide(RecurrentGuide):
+    """Parameterises q(z_t | z_{1:t-1}, x_{1:T}), the form of STORN's exact posterior (7.12)."""
+
+    name = "consistent"
+    x_directions = ("forward", "backward")
+
+
+GUIDES = {g.name: g for g in (STORNGuide, STORNConsistentGuide)}

@@ -1,0 +1,75 @@
+"""Guides of the VRNN (8.2, 8.4).
+
+The exact posterior is prod_t p(z_t | z_{1:t-1}, x_{1:T}) (8.10).  Both guides share the model's
+state h_t(x_{1:t-1}, z_{1:t-1}) (8.13) and feature extractor phi_x, stepping the model's LSTM d_h
+frame by frame as they sample z_t.
+
+- ``filtering`` (the paper's, 8.11-8.14): e_z(phi_x(x_t), h_t) = MLP([phi_x(x_t), h_t], 128, Tanh,
+  64, Tanh) and the linear Gaussian head (13.1.4): q(z_t | z_{1:t-1}, x_{1:t}), which misses
+  x_{t+1:T}.
+- ``backward`` (Goyal et al. 2017, 8.4 first point): a backward LSTM (128) on phi_x(x_t) gives
+  b_t(x_{t:T}), and e_z = MLP([b_t, h_t], 128, Tanh, 64, Tanh): q(z_t | z_{1:t-1}, x_{1:T}), the form
+  of the exact posterior.  (Goyal et al.'s auxiliary costs on b_t and their change of the
+  generative model are not part of this guide.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.base import Guide
+from ..nn import MLP, RNN, GaussianHead
+
+
+class VRNNGuide(Guide):
+    """Parameterises q(z_t | x_t, h_t) = q(z_t | z_{1:t-1}, x_{1:t}) (8.11-8.14)."""
+
+    name = "filtering"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.encoder = MLP(self.x_part_dim() + model.hidden, 128, "tanh", 64, "tanh")  # e_z (8.11)
+        self.head = GaussianHead(64, model.z_dim)
+
+    def x_part_dim(self) -> int:
+        return 256
+
+    def x_part(self, ctx, mask) -> torch.Tensor:
+        """The x-dependent input of e_z for all t: phi_x(x_t)."""
+        return ctx["fx"]
+
+    def guide(self, x, u=None, mask=None):
+        model = self.model
+        ctx = model.shared_context(x, u, mask)
+        xp, x_in = self.x_part(ctx, mask), ctx["x_in"]
+        batch = x.shape[0]
+        state = None
+
+        def step(t, z_prev):
+            nonlocal state
+            fz = (x.new_zeros(batch, 64) if t == 0                # phi_z(z_0) -> 0, as in the model
+                  else model.z_features(z_prev))
+            h, state = model.h_rnn.step(model.rnn_input(x_in[:, t], fz), state)   # (8.1)
+            return self.head(self.encoder(torch.cat([xp[:, t], h], -1)))         # (8.11-8.12)
+
+        self.sample_chain("z", x, mask, step)
+
+
+class VRNNBackwardGuide(VRNNGuide):
+    """Parameterises q(z_t | b_t(x_{t:T}), h_t) = q(z_t | z_{1:t-1}, x_{1:T}) (8.4, Goyal et al.)."""
+
+    name = "backward"
+    hidden = 128
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.b_rnn = RNN(256, self.hidden, reverse=True)
+
+    def x_part_dim(self) -> int:
+        return self.hidden
+
+    def x_part(self, ctx, mask):
+        return self.b_rnn(ctx["fx"], mask)
+
+
+GUIDES = {g.name: g for g in (VRNNGuide, VRNNBackwardGuide)}

@@ -1,0 +1,75 @@
+"""VRNN: variational recurrent neural network (chapter 8, Chung et al. 2015), predictive mode.
+
+Generative model (8.1-8.5, compact form 8.8):
+  h_t = d_h(phi_x(x_{t-1}), phi_z(z_{t-1}), h_{t-1})        (8.1)  [driven: u_t is a further input]
+  p(z_t | h_t) = N(d_z(h_t))                                (8.4-8.5)
+  p(x_t | z_t, h_t) with decoder d_x(phi_z(z_t), h_t)        (8.2-8.3)
+so p(x, z) = prod_t p(x_t | x_{1:t-1}, z_{1:t}) p(z_t | x_{1:t-1}, z_{1:t-1})   (8.8).
+
+Architecture (13.1.4): phi_x = MLP(x_t, 256, Tanh), phi_z = MLP(z_t, 32, Tanh, 64, Tanh); d_h is an
+LSTM (128) with input [phi_x(x_{t-1}), phi_z(z_{t-1})]; d_z = MLP(h_t, 64, Tanh, 32, Tanh) and
+d_x = MLP([phi_z(z_t), h_t], 256, Tanh), each followed by its linear output layer.  x_0 and z_0 enter
+as zero feature vectors.
+
+The state h_t is shared by the model and its guide (8.13): the guide steps ``h_rnn`` frame by frame
+(it needs z_{t-1} before it can build h_t), the model recomputes h_{1:T} in one LSTM call from the
+recorded z and uses it for the prior and the decoder of all steps at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import MLP, RNN, GaussianHead, shift_right
+from .base import DVAE
+
+
+class VRNN(DVAE):
+    """VRNN: h_t(x_{1:t-1}, z_{1:t-1}), z_t | h_t, x_t | z_t, h_t."""
+
+    name = "vrnn"
+    predictive = True
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, hidden=128):
+        super().__init__(x_dim, z_dim, likelihood, u_dim)
+        self.hidden = hidden
+        #: feature extractors phi_x, phi_z (13.1.4), shared with the guide
+        self.x_features = MLP(x_dim, 256, "tanh")
+        self.z_features = MLP(z_dim, 32, "tanh", 64, "tanh")
+        #: d_h (8.1): LSTM over [phi_x(x_{t-1}), (u_t), phi_z(z_{t-1})]
+        self.h_rnn = RNN(256 + u_dim + 64, hidden)
+        #: parameterises p(z_t | h_t) (8.4-8.5)
+        self.prior_net = MLP(hidden, 64, "tanh", 32, "tanh")
+        self.prior_head = GaussianHead(32, z_dim)
+        #: parameterises p(x_t | z_t, h_t) (8.2-8.3)
+        self.decoder = MLP(64 + hidden, 256, "tanh")
+        self.x_out = nn.Linear(256, self.num_params)
+        self._state_cache = None
+
+    def context(self, x, u, mask):
+        fx = self.x_features(x)
+        x_in = shift_right(fx)                                    # phi_x(x_{t-1}), phi_x(x_0) -> 0
+        return {"fx": fx, "x_in": x_in if u is None else torch.cat([x_in, u], -1)}
+
+    def rnn_input(self, x_in_t: torch.Tensor, z_prev_features: torch.Tensor) -> torch.Tensor:
+        """Input of d_h at one step: [phi_x(x_{t-1}), (u_t), phi_z(z_{t-1})]."""
+        return torch.cat([x_in_t, z_prev_features], -1)
+
+    def states(self, z, ctx):
+        """(h_{1:T}, phi_z(z_{1:T})) from the whole z; h_t uses z_{1:t-1} only (8.1)."""
+        cache = self._state_cache
+        if cache is not None and cache[0] is z and cache[1] is ctx:
+            return cache[2]
+        fz = self.z_features(z)
+        h = self.h_rnn(self.rnn_input(ctx["x_in"], shift_right(fz)))
+        self._state_cache = (z, ctx, (h, fz))
+        return h, fz
+
+    def prior(self, z, ctx, x, u):
+        h, _ = self.states(z, ctx)
+        return self.prior_head(self.prior_net(h))                 # (8.4)
+
+    def emission(self, z, ctx, x, u):
+        h, fz = self.states(z, ctx)
+        return self.x_out(self.decoder(torch.cat([fz, h], -1)))   # (8.2)
