@@ -30,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,13 @@ def identity_reconstructor(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Resynthesis:
-    """A resynthesised waveform and the spectrograms behind it (power (T, 257), float32)."""
+    """A resynthesised waveform (at the input's scale), the spectrograms behind it ((T, 257),
+    float32) and the input waveform."""
 
     wave: np.ndarray
     power: np.ndarray
     recon_power: np.ndarray
+    original: np.ndarray
 
 
 def resynthesize(reconstruct: Reconstructor, wave: np.ndarray) -> Resynthesis:
@@ -112,7 +115,7 @@ def resynthesize(reconstruct: Reconstructor, wave: np.ndarray) -> Resynthesis:
     recon = recon[0].to(torch.float64).numpy()
     spec = spectrogram_from(recon, phase.astype(np.float64))
     out = istft(spec, wave.size) * peak
-    return Resynthesis(out.astype(np.float32), power, recon.astype(np.float32))
+    return Resynthesis(out.astype(np.float32), power, recon.astype(np.float32), wave)
 
 
 # ---- Griffin-Lim and generation -----------------------------------------------------------------
@@ -248,12 +251,12 @@ def plot_spectrograms(target, original: np.ndarray, reconstructed: np.ndarray, t
                       fmt: str = "png") -> None:
     """Save log-power spectrograms (T, 257) of the original and the resynthesis side by side to
     ``target`` (a path or a binary file object) in image format ``fmt``."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, constrained_layout=True)
+    fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
     db = [10 * np.log10(np.maximum(p, 1e-10)) for p in (original, reconstructed)]
     vmax = max(float(d.max()) for d in db)
     seconds = original.shape[0] * HOP / SAMPLE_RATE
@@ -266,21 +269,15 @@ def plot_spectrograms(target, original: np.ndarray, reconstructed: np.ndarray, t
     fig.colorbar(im, ax=list(axes), label="power (dB)")
     if title:
         fig.suptitle(title)
-    fig.savefig(target, format=fmt, dpi=100)
-    plt.close(fig)
+    fig.savefig(target, format=fmt)
 
 
 def _image_format(path: PathLike) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
     fmt = Path(path).suffix.lstrip(".").lower()
-    if fmt not in plt.gcf().canvas.get_supported_filetypes():
-        plt.close("all")
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
         raise ValueError(f"{path}: cannot tell the image format from the name; use .png")
-    plt.close("all")
     return fmt
 
 
@@ -423,12 +420,18 @@ def evaluate_run(run_dir: PathLike, data: Optional[PathLike] = None, split: str 
     model, guide, config = load_run(run_dir, which)
     if data is None:
         data = config.get("data")
-    utterances = load_utterances(data, split)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        utterances = load_utterances(data, split)
+    skipped = [str(w.message) for w in caught]
+    for message in skipped:  # unreadable or silent files: named, and recorded in the result
+        warnings.warn(message, stacklevel=2)
     result = evaluate(model_reconstructor(model, guide), utterances, workers=workers,
                       progress=progress)
     result = {"run": str(run_dir), "model": config.get("model"), "guide": config.get("guide"),
               "checkpoint": f"{which}.pt", "data": None if data is None else str(data),
-              "split": split, "n_files": len(result["per_file"]), **result}
+              "split": split, "n_files": len(result["per_file"]), "skipped_files": skipped,
+              **result}
     out = run_dir / f"eval_{split}.json" if out is None else Path(out)
     json_path, csv_path = write_results(result, out)
     result["json"], result["csv"] = str(json_path), str(csv_path)

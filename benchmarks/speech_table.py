@@ -1,0 +1,212 @@
+"""Speech analysis-resynthesis benchmark: the experiment of 13.2-13.3 on any audio folder.
+
+Trains every registered model (or ``--models``) on ``DATA/train`` with early stopping on
+``DATA/val`` (13.2.2: Adam, batch 32, patience 20, T = 150), all with the same budget (an epoch cap,
+``--epochs``), evaluates each on the whole utterances of ``DATA/test`` (13.2.1, silence trimmed)
+and writes to ``--out``:
+
+- ``table.md``: a table shaped like Table 13.1 (RMSE, PESQ-WB, PESQ-NB, STOI, ESTOI, SI-SDR; means,
+  then medians with 95 % confidence intervals), each model's training time and epochs, and the
+  paper's Table 13.1 (WSJ0) beside it;
+- ``loss_curves.png``: the training and validation losses of all models on one plot (Figure 13.1);
+- ``results.json``: everything, and one run directory per model (``runs/<model>/``, with the
+  per-file evaluation ``eval_test.json`` / ``.csv``).
+
+Not a unit test.  Example (the numbers in README.md)::
+
+    nice python benchmarks/speech_table.py --data ../shared/data/speech16k --epochs 12 \\
+        --lr 1e-3 --jobs 2 --out benchmarks/results/speech16k
+
+Each model trains in its own process with ``--threads`` torch threads (default 1); ``--jobs`` of
+them run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def train_and_evaluate(name: str, data: str, out: str, epochs: int, lr: float, patience: int,
+                       seq_len: int, batch_size: int, threads: int, seed: int,
+                       eval_workers: int) -> dict:
+    """One model: fit (early stopping on val), then evaluate best.pt on test.  Runs in a worker."""
+    import warnings
+
+    import torch
+
+    import pyro
+    from pyro_dvae import build
+    from pyro_dvae.data.datasets import load_splits
+    from pyro_dvae.speech import evaluate_run
+    from pyro_dvae.train import TrainConfig, fit
+
+    torch.set_num_threads(threads)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped short pieces were reported by the parent
+        splits = load_splits(data, seq_len, ("train", "val"))
+    run_dir = Path(out) / "runs" / name
+    model, guide = build(name)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                         seed=seed, threads=threads)
+    t0 = time.perf_counter()
+    history = fit(model, guide, splits["train"], splits["val"], config, out_dir=run_dir,
+                  progress=False, meta={"data": str(data), "seq_len": seq_len})
+    train_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = evaluate_run(run_dir, data, "test", workers=eval_workers, progress=False)
+    eval_seconds = time.perf_counter() - t0
+    return {"model": name, "guide": guide.name, "run_dir": str(run_dir),
+            "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "epochs_run": len(history["epoch"]), "best_epoch": history["best_epoch"],
+            "best_val_loss": history["best_val_loss"], "status": history["status"],
+            "history": history, "summary": result["summary"], "n_files": result["n_files"],
+            "train_sequences": len(splits["train"]), "val_sequences": len(splits["val"]),
+            "num_params": sum(p.numel() for p in list(model.parameters())
+                              + list(guide.parameters()))}
+
+
+def plot_curves(results: list, path: Path) -> None:
+    """Figure 13.1: train (solid) and validation (dashed) loss of every model on one plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, r in enumerate(results):
+        h, color = r["history"], f"C{i % 10}"
+        ax.plot(h["epoch"], h["train_loss"], "-", color=color, label=f"{r['model']} train")
+        val = [math.nan if v is None else v for v in h["val_loss"]]
+        ax.plot(h["epoch"], val, "--", color=color, label=f"{r['model']} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative VLB per frame (nats, up to a constant)")
+    ax.set_title("Training (solid) and validation (dashed) loss")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_table(results: list, args, path: Path) -> str:
+    from pyro_dvae.speech import format_paper_table, format_table
+
+    summaries = {r["model"]: r["summary"] for r in results}
+    extra = {
+        "train time": {r["model"]: f"{r['train_seconds'] / 60:.1f} min" for r in results},
+        "epochs (best)": {r["model"]: f"{r['epochs_run']} ({r['best_epoch']})" for r in results},
+        "best val loss": {r["model"]: ("–" if r["best_val_loss"] is None
+                                        else f"{r['best_val_loss']:.3f}") for r in results},
+    }
+    first = results[0]
+    text = "\n".join([
+        f"Data: {args.data} ({first['train_sequences']} training and {first['val_sequences']} "
+        f"validation sequences of T = {args.seq_len} frames; {first['n_files']} test utterances, "
+        "whole, silence trimmed).",
+        f"Budget: at most {args.epochs} epochs, Adam lr {args.lr:g}, batch {args.batch_size}, "
+        f"early stopping patience {args.patience}, weights of the best validation epoch; "
+        f"{args.threads} torch thread(s) per model, {args.jobs} model(s) at a time, "
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores "
+        f"(shared).",
+        "",
+        "Test-set means:",
+        "",
+        format_table(summaries, "mean", extra=extra),
+        "",
+        "Test-set medians [95 % confidence interval]:",
+        "",
+        format_table(summaries, "median"),
+        "",
+        "The paper's Table 13.1 (WSJ0, about 9 h of training speech; its PESQ mode is not stated):",
+        "",
+        format_paper_table([r["model"] for r in results]),
+        "",
+    ])
+    path.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    from pyro_dvae.registry import REGISTRY
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder with train/ val/ test/")
+    p.add_argument("--models", default=",".join(REGISTRY),
+                   help="comma-separated registered models (default: all)")
+    p.add_argument("--epochs", type=int, required=True, help="epoch cap, the same for all")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=150)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    p.add_argument("--jobs", type=int, default=1, help="models trained at the same time")
+    p.add_argument("--eval-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/speech")
+    args = p.parse_args(argv)
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in REGISTRY]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # compute (and cache) the features once, before the workers read them
+    from pyro_dvae.data.datasets import load_splits
+
+    t0 = time.perf_counter()
+    splits = load_splits(args.data, args.seq_len, ("train", "val"), progress=True)
+    print(f"features: {splits['train']!r}, {splits['val']!r} ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+
+    common = dict(data=args.data, out=str(out), epochs=args.epochs, lr=args.lr,
+                  patience=args.patience, seq_len=args.seq_len, batch_size=args.batch_size,
+                  threads=args.threads, seed=args.seed, eval_workers=args.eval_workers)
+    results, started = {}, time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_and_evaluate, name, **common): name for name in names}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            try:
+                r = fut.result()
+            except Exception as err:  # report and go on with the other models
+                print(f"{name}: FAILED: {type(err).__name__}: {err}", flush=True)
+                continue
+            results[name] = r
+            s = r["summary"]
+            print(f"{name}: {r['epochs_run']} epochs ({r['status']}, best {r['best_epoch']}) in "
+                  f"{r['train_seconds'] / 60:.1f} min; test RMSE {s['rmse']['mean']:.4f} "
+                  f"PESQ-WB {s['pesq_wb']['mean']:.2f} PESQ-NB {s['pesq_nb']['mean']:.2f} "
+                  f"STOI {s['stoi']['mean']:.3f} ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+    ordered = [results[n] for n in REGISTRY if n in results]  # the registry's (paper's) order
+    if not ordered:
+        print("no model finished", file=sys.stderr)
+        return 1
+    plot_curves(ordered, out / "loss_curves.png")
+    text = write_table(ordered, args, out / "table.md")
+    from pyro_dvae.speech import _json_safe
+
+    (out / "results.json").write_text(json.dumps(
+        _json_safe({"args": vars(args), "results": ordered}), indent=2, default=str) + "\n")
+    print(text)
+    return 0 if len(ordered) == len(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
