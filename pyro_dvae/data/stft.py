@@ -1,0 +1,152 @@
+"""Short-time Fourier transform of the speech protocol (SPEC section 4, paper 13.2.1).
+
+16 kHz audio, 512-sample (32 ms) sine window, 50 % overlap (hop 256), 257 bins (positive
+frequencies of a 512-point DFT).  Spectrograms are **time-major**: ``(T, 257)``, the layout of
+x in the models (batch, time, freq).
+
+Framing (the same as the reference implementation, ``torch.stft(center=True, pad_mode="reflect")``):
+the signal is reflect-padded by ``N_FFT // 2 = 256`` samples on both sides and frame t is centred on
+sample ``t * HOP``.  A signal of L samples therefore gives ``T = 1 + L // HOP`` frames, and a
+sequence of ``T`` frames comes from ``(T - 1) * HOP`` samples (T = 150 <-> 38144 samples, 2.4 s).
+Signals of at most 256 samples cannot be reflect-padded; they are zero-padded instead (the round
+trip is exact either way).
+
+The sine window ``w[n] = sin(pi (n + 1/2) / N)`` satisfies the Princen-Bradley condition
+``w[n]^2 + w[n + N/2]^2 = 1``: with the same window for analysis and synthesis, weighted overlap-add
+reconstructs the signal exactly.  :func:`istft` divides by the overlap-added squared window
+(exactly 1 except within half a window of the ends, where it is still positive), so
+``istft(stft(x), len(x)) == x`` up to rounding for every length, and for a modified spectrogram it
+returns the least-squares signal (Griffin & Lim 1984).  It returns exactly ``length`` samples.
+
+Power spectrogram: ``x = max(|STFT|^2, POWER_FLOOR)``.  The floor (1e-10) only touches bins of
+frames that are exactly digital silence: with the waveform in [-1, 1], 16-bit quantisation noise
+alone already gives about ``256 * (2^-15)^2 / 12 ~ 2e-8`` per bin (the window's energy is 256),
+200 times the floor.  Without it an exact zero would make the Itakura-Saito / Gamma(1) likelihood
+unbounded (its maximum over sigma^2 is ``-log x - 1``).  The reference adds no floor; WSJ0 has no
+exact zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+N_FFT = 512
+HOP = 256
+N_FREQ = N_FFT // 2 + 1  # 257
+POWER_FLOOR = 1e-10
+
+Array = np.ndarray | torch.Tensor
+
+__all__ = [
+    "HOP",
+    "N_FFT",
+    "N_FREQ",
+    "POWER_FLOOR",
+    "SAMPLE_RATE",
+    "istft",
+    "num_frames",
+    "num_samples",
+    "power_spectrogram",
+    "sine_window",
+    "spectrogram_from",
+    "stft",
+]
+
+
+def sine_window(n: int = N_FFT, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The sine window ``sin(pi (k + 1/2) / n)``, k = 0..n-1 (32 ms at 16 kHz for n = 512)."""
+    return torch.sin(math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n).to(dtype)
+
+
+def num_frames(length: int) -> int:
+    """Number of STFT frames of a signal of ``length`` samples: ``1 + length // HOP``."""
+    return 1 + int(length) // HOP
+
+
+def num_samples(frames: int) -> int:
+    """Shortest signal length with ``frames`` frames: ``(frames - 1) * HOP``."""
+    return (int(frames) - 1) * HOP
+
+
+def _as_tensor(wave: Array) -> tuple[torch.Tensor, bool]:
+    if isinstance(wave, torch.Tensor):
+        return wave, False
+    return torch.from_numpy(np.ascontiguousarray(wave)), True
+
+
+def stft(wave: Array) -> Array:
+    """Complex STFT of a waveform: ``(..., L) -> (..., T, 257)`` with ``T = 1 + L // HOP``.
+
+    Returns a numpy array for a numpy input, a tensor for a tensor input; complex64 for float32
+    input, complex128 for float64.
+    """
+    x, to_numpy = _as_tensor(wave)
+    if x.is_complex():
+        raise TypeError("stft expects a real waveform")
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    elif x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"stft needs at least one sample, got shape {tuple(x.shape)}")
+    batch_shape, length = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, length)
+    pad_mode = "reflect" if length > N_FFT // 2 else "constant"
+    spec = torch.stft(flat, N_FFT, HOP, window=sine_window(N_FFT, flat.dtype).to(flat.device),
+                      center=True, pad_mode=pad_mode, normalized=False, onesided=True,
+                      return_complex=True)  # (B, F, T)
+    spec = spec.transpose(-1, -2).reshape(*batch_shape, -1, N_FREQ)
+    return spec.numpy() if to_numpy else spec
+
+
+def istft(spec: Array, length: int | None = None) -> Array:
+    """Inverse STFT by weighted overlap-add: ``(..., T, 257) complex -> (..., length)``.
+
+    ``length`` is the number of samples to return (default ``(T - 1) * HOP``); it must be one that
+    gives T frames, i.e. ``1 + length // HOP == T``.  ``istft(stft(x), len(x))`` returns x.
+    """
+    s, to_numpy = _as_tensor(spec)
+    if not s.is_complex():
+        raise TypeError("istft expects a complex spectrogram (use spectrogram_from(power, phase))")
+    if s.dim() < 2 or s.shape[-1] != N_FREQ:
+        raise ValueError(f"istft expects (..., T, {N_FREQ}), got shape {tuple(s.shape)}")
+    frames = s.shape[-2]
+    if length is None:
+        length = num_samples(frames)
+    if num_frames(length) != frames:
+        raise ValueError(f"istft: {frames} frames come from {num_samples(frames)} to "
+                         f"{num_samples(frames) + HOP - 1} samples, not length={length}")
+    batch_shape = s.shape[:-2]
+    flat = s.reshape(-1, frames, N_FREQ).transpose(-1, -2)  # (B, F, T)
+    real_dtype = torch.float64 if flat.dtype == torch.complex128 else torch.float32
+    wave = torch.istft(flat, N_FFT, HOP, window=sine_window(N_FFT, real_dtype).to(flat.device),
+                       center=True, normalized=False, onesided=True, length=length)
+    wave = wave.reshape(*batch_shape, length)
+    return wave.numpy() if to_numpy else wave
+
+
+def power_spectrogram(wave: Array, floor: float = POWER_FLOOR) -> tuple[Array, Array]:
+    """``(power, phase)`` of a waveform, both ``(..., T, 257)`` float32.
+
+    ``power = max(|STFT|^2, floor)`` is the model input x (13.2.1); ``phase = angle(STFT)`` is kept
+    for resynthesis with :func:`spectrogram_from` and :func:`istft`.
+    """
+    spec = stft(wave)
+    if isinstance(spec, torch.Tensor):
+        power = (spec.real ** 2 + spec.imag ** 2).clamp_min(floor).to(torch.float32)
+        return power, torch.angle(spec).to(torch.float32)
+    power = np.maximum(spec.real ** 2 + spec.imag ** 2, floor).astype(np.float32)
+    return power, np.angle(spec).astype(np.float32)
+
+
+def spectrogram_from(power: Array, phase: Array) -> Array:
+    """Complex STFT ``sqrt(power) * exp(i phase)`` (resynthesis: model power, input phase)."""
+    if isinstance(power, torch.Tensor) or isinstance(phase, torch.Tensor):
+        power, phase = torch.as_tensor(power), torch.as_tensor(phase)
+        return torch.polar(power.clamp_min(0).sqrt(), phase.to(power.dtype))
+    power, phase = np.asarray(power), np.asarray(phase)
+    return np.sqrt(np.maximum(power, 0)) * np.exp(1j * phase)
