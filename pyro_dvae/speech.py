@@ -149,19 +149,20 @@ def generate_waves(model, seconds: float, n: int = 1, n_iter: int = 100,
     """Sample n sequences of ``seconds`` from the model's prior (:meth:`DVAE.generate`; predictive
     models feed back their own samples), take the decoder's power spectrogram sigma^2 (``"mean"``)
     and estimate its phase with :func:`griffin_lim`.  Returns n float32 waveforms of
-    ``(T - 1) * HOP`` samples, T = 1 + seconds * 16000 // HOP; a waveform whose peak exceeds 0.99
-    is scaled down to 0.99 so that 16-bit files do not clip."""
+    L = round(seconds * 16000) samples (the T frames of the STFT of L samples); a waveform whose
+    peak exceeds 0.99 is scaled down to 0.99 so that 16-bit files do not clip."""
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"seconds must be positive, got {seconds}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    T = num_frames(int(round(seconds * SAMPLE_RATE)))
+    length = max(1, int(round(seconds * SAMPLE_RATE)))
+    T = num_frames(length)
     torch.manual_seed(int(seed))
     out = model.generate(T, int(n))
     power = out["mean"].detach().cpu().to(torch.float64)
     if not torch.isfinite(power).all():
         raise ValueError("the model generated NaN or infinite power values")
-    waves = griffin_lim(power, n_iter=n_iter, seed=seed).numpy()
+    waves = griffin_lim(power, length, n_iter=n_iter, seed=seed).numpy()
     result = []
     for w in waves:
         peak = float(np.max(np.abs(w))) if w.size else 0.0
