@@ -237,14 +237,15 @@ def _features(wave: np.ndarray, name: str, top_db: float) -> tuple[np.ndarray, n
 
 
 def _sources(data: PathLike | None, split: str):
-    """(source id for the cache key, [(name, loader)]) of a split; loaders return a 16 kHz wave."""
+    """(source id for the cache key, [(name, label, loader)]) of a split: ``name`` relative to the
+    data folder, ``label`` (the full path) for messages, ``loader()`` returns a 16 kHz wave."""
     if data is None:
         if split not in corpus.BUILTIN_SPLITS:
             raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
         waves = corpus.builtin_waves(split)
         source = {"builtin": corpus.CORPUS_VERSION, "seed": corpus.SEED,
                   "sizes": corpus.BUILTIN_SPLITS[split], "split": split}
-        return source, [(name, (lambda w=w: w)) for name, w in waves]
+        return source, [(name, name, (lambda w=w: w)) for name, w in waves]
     root = Path(data).expanduser()
     folder = split_folder(root, split)
     files = find_audio_files(folder)
@@ -254,7 +255,8 @@ def _sources(data: PathLike | None, split: str):
         st = f.stat()
         entries.append([f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
     source = {"folder": str(folder.resolve()), "root": str(absroot), "files": entries}
-    return source, [(rel, (lambda f=f: load_audio(f))) for (rel, _, _), f in zip(entries, files)]
+    return source, [(rel, str(f), (lambda f=f: load_audio(f)))
+                    for (rel, _, _), f in zip(entries, files)]
 
 
 def _compute_split(items, split: str, top_db: float, progress: bool):
@@ -263,9 +265,9 @@ def _compute_split(items, split: str, top_db: float, progress: bool):
     if progress:
         from tqdm.auto import tqdm
         iterator = tqdm(items, desc=f"features {split}", unit="file", leave=False)
-    for name, load in iterator:
+    for name, label, load in iterator:
         try:
-            _, power, _ = _features(load(), name, top_db)
+            _, power, _ = _features(load(), label, top_db)
         except AudioError as err:
             skipped.append(str(err))
             continue
@@ -395,9 +397,9 @@ def load_utterances(data: PathLike | None = None, split: str = "test", *,
         from tqdm.auto import tqdm
         iterator = tqdm(items, desc=f"utterances {split}", unit="file", leave=False)
     out = []
-    for name, load in iterator:
+    for name, label, load in iterator:
         try:
-            wave, power, phase = _features(load(), name, top_db)
+            wave, power, phase = _features(load(), label, top_db)
         except AudioError as err:
             warnings.warn(f"skipping {err}", stacklevel=2)
             continue

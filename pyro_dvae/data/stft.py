@@ -4,19 +4,22 @@
 frequencies of a 512-point DFT).  Spectrograms are **time-major**: ``(T, 257)``, the layout of
 x in the models (batch, time, freq).
 
-Framing (the same as the reference implementation, ``torch.stft(center=True, pad_mode="reflect")``):
-the signal is reflect-padded by ``N_FFT // 2 = 256`` samples on both sides and frame t is centred on
-sample ``t * HOP``.  A signal of L samples therefore gives ``T = 1 + L // HOP`` frames, and a
-sequence of ``T`` frames comes from ``(T - 1) * HOP`` samples (T = 150 <-> 38144 samples, 2.4 s).
-Signals of at most 256 samples cannot be reflect-padded; they are zero-padded instead (the round
-trip is exact either way).
+Framing: frame t is centred on sample ``t * HOP`` (as ``torch.stft(center=True)`` in the reference
+implementation), and the signal is extended by reflection at both ends so that **every sample lies
+under exactly two frames**: 256 samples before the start, and after the end up to the next multiple
+of HOP plus 256.  A signal of L samples therefore gives ``T = 1 + ceil(L / HOP)`` frames; a sequence
+of T frames comes from ``(T - 1) * HOP`` samples (T = 150 <-> 38144 samples, 2.4 s), where this
+is the reference's ``1 + L // HOP``.  For other lengths we have one frame more than the reference,
+so that the last samples are not covered by the tail of a single window: there the reference's
+inverse divides by a squared window close to zero and amplifies any change of the spectrogram.
+(Reflection needs a signal longer than the padding; shorter ones are zero-padded instead.)
 
 The sine window ``w[n] = sin(pi (n + 1/2) / N)`` satisfies the Princen-Bradley condition
 ``w[n]^2 + w[n + N/2]^2 = 1``: with the same window for analysis and synthesis, weighted overlap-add
-reconstructs the signal exactly.  :func:`istft` divides by the overlap-added squared window
-(exactly 1 except within half a window of the ends, where it is still positive), so
-``istft(stft(x), len(x)) == x`` up to rounding for every length, and for a modified spectrogram it
-returns the least-squares signal (Griffin & Lim 1984).  It returns exactly ``length`` samples.
+(:func:`istft`) reconstructs every sample exactly; no normalisation is needed anywhere in the
+returned signal, which is cut to exactly ``length`` samples.  ``istft(stft(x), len(x)) == x`` up to
+rounding for every length; for a modified spectrogram (resynthesis) :func:`istft` returns the
+least-squares signal (Griffin & Lim 1984).
 
 Power spectrogram: ``x = max(|STFT|^2, POWER_FLOOR)``.  The floor (1e-10) only touches bins of
 frames that are exactly digital silence: with the waveform in [-1, 1], 16-bit quantisation noise
@@ -63,12 +66,13 @@ def sine_window(n: int = N_FFT, dtype: torch.dtype = torch.float64) -> torch.Ten
 
 
 def num_frames(length: int) -> int:
-    """Number of STFT frames of a signal of ``length`` samples: ``1 + length // HOP``."""
-    return 1 + int(length) // HOP
+    """Number of STFT frames of a signal of ``length`` samples: ``1 + ceil(length / HOP)``."""
+    return 1 + -(-int(length) // HOP)
 
 
 def num_samples(frames: int) -> int:
-    """Shortest signal length with ``frames`` frames: ``(frames - 1) * HOP``."""
+    """Longest signal with ``frames`` frames: ``(frames - 1) * HOP`` (the shortest has
+    ``(frames - 2) * HOP + 1``)."""
     return (int(frames) - 1) * HOP
 
 
@@ -79,7 +83,7 @@ def _as_tensor(wave: Array) -> tuple[torch.Tensor, bool]:
 
 
 def stft(wave: Array) -> Array:
-    """Complex STFT of a waveform: ``(..., L) -> (..., T, 257)`` with ``T = 1 + L // HOP``.
+    """Complex STFT of a waveform: ``(..., L) -> (..., T, 257)`` with ``T = 1 + ceil(L / HOP)``.
 
     Returns a numpy array for a numpy input, a tensor for a tensor input; complex64 for float32
     input, complex128 for float64.
@@ -95,7 +99,11 @@ def stft(wave: Array) -> Array:
         raise ValueError(f"stft needs at least one sample, got shape {tuple(x.shape)}")
     batch_shape, length = x.shape[:-1], x.shape[-1]
     flat = x.reshape(-1, length)
-    pad_mode = "reflect" if length > N_FFT // 2 else "constant"
+    extra = -length % HOP  # extend the end to a multiple of HOP: two frames over every sample
+    if extra:
+        mode = "reflect" if extra < length else "constant"
+        flat = torch.nn.functional.pad(flat[:, None], (0, extra), mode=mode)[:, 0]
+    pad_mode = "reflect" if flat.shape[-1] > N_FFT // 2 else "constant"
     spec = torch.stft(flat, N_FFT, HOP, window=sine_window(N_FFT, flat.dtype).to(flat.device),
                       center=True, pad_mode=pad_mode, normalized=False, onesided=True,
                       return_complex=True)  # (B, F, T)
@@ -107,7 +115,7 @@ def istft(spec: Array, length: int | None = None) -> Array:
     """Inverse STFT by weighted overlap-add: ``(..., T, 257) complex -> (..., length)``.
 
     ``length`` is the number of samples to return (default ``(T - 1) * HOP``); it must be one that
-    gives T frames, i.e. ``1 + length // HOP == T``.  ``istft(stft(x), len(x))`` returns x.
+    gives T frames, i.e. ``1 + ceil(length / HOP) == T``.  ``istft(stft(x), len(x))`` returns x.
     """
     s, to_numpy = _as_tensor(spec)
     if not s.is_complex():
@@ -118,13 +126,16 @@ def istft(spec: Array, length: int | None = None) -> Array:
     if length is None:
         length = num_samples(frames)
     if num_frames(length) != frames:
-        raise ValueError(f"istft: {frames} frames come from {num_samples(frames)} to "
-                         f"{num_samples(frames) + HOP - 1} samples, not length={length}")
+        raise ValueError(f"istft: {frames} frames come from {max(1, num_samples(frames - 1) + 1)} "
+                         f"to {num_samples(frames)} samples, not length={length}")
     batch_shape = s.shape[:-2]
     flat = s.reshape(-1, frames, N_FREQ).transpose(-1, -2)  # (B, F, T)
     real_dtype = torch.float64 if flat.dtype == torch.complex128 else torch.float32
+    # torch.istft divides by the overlap-added squared window, which is exactly 1 (up to
+    # rounding) on the (T - 1) * HOP samples under two frames: plain weighted overlap-add.
     wave = torch.istft(flat, N_FFT, HOP, window=sine_window(N_FFT, real_dtype).to(flat.device),
-                       center=True, normalized=False, onesided=True, length=length)
+                       center=True, normalized=False, onesided=True,
+                       length=num_samples(frames))[:, :length]
     wave = wave.reshape(*batch_shape, length)
     return wave.numpy() if to_numpy else wave
 
