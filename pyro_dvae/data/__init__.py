@@ -15,7 +15,7 @@ from .audio import (
     trim_bounds,
     trim_silence,
 )
-from .corpus import BUILTIN_SPLITS, builtin_waves, synthesize_utterance
+from .corpus import BUILTIN_SPLITS, builtin_names, builtin_waves, synthesize_utterance
 from .datasets import (
     MIN_FRAMES,
     SPLITS,
@@ -61,7 +61,8 @@ __all__ = [
                     "DataError",
                     "SequenceDataset",
                     "Utterance",
-                    "builtin_waves",
+                    "builtin_names",
+    "builtin_waves",
                     "cache_directory",
                     "find_audio_files",
                     "istft",

@@ -63,7 +63,8 @@ FRICATIVES = {  # band edges (Hz) and amplitude range relative to vowels
     "h": (("bandpass", (500, 4000)), (0.05, 0.10)),
 }
 
-__all__ = ["BUILTIN_SPLITS", "CORPUS_VERSION", "SEED", "builtin_waves", "synthesize_utterance"]
+__all__ = ["BUILTIN_SPLITS", "CORPUS_VERSION", "SEED", "builtin_names", "builtin_waves",
+           "synthesize_utterance"]
 
 
 def _ramp(n: int, rise: int) -> np.ndarray:
@@ -220,8 +221,15 @@ def _split_waves(split: str) -> tuple[tuple[str, np.ndarray], ...]:
         rng = np.random.default_rng([SEED, _SPLIT_ID[split], i])
         wave = synthesize_utterance(rng, rng.uniform(lo, hi))
         wave.flags.writeable = False
-        out.append((f"builtin/{split}/{split}-{i:03d}", wave))
+        out.append((builtin_names(split)[i], wave))
     return tuple(out)
+
+
+def builtin_names(split: str) -> list[str]:
+    """Names of the utterances of a split, without synthesising them."""
+    if split not in BUILTIN_SPLITS:
+        raise ValueError(f"the built-in corpus has splits {sorted(BUILTIN_SPLITS)}, not {split!r}")
+    return [f"builtin/{split}/{split}-{i:03d}" for i in range(BUILTIN_SPLITS[split][0])]
 
 
 def builtin_waves(split: str) -> list[tuple[str, np.ndarray]]:

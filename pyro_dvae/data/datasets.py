@@ -242,10 +242,11 @@ def _sources(data: PathLike | None, split: str):
     if data is None:
         if split not in corpus.BUILTIN_SPLITS:
             raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-        waves = corpus.builtin_waves(split)
         source = {"builtin": corpus.CORPUS_VERSION, "seed": corpus.SEED,
                   "sizes": corpus.BUILTIN_SPLITS[split], "split": split}
-        return source, [(name, name, (lambda w=w: w)) for name, w in waves]
+        # synthesised on first use only: a cache hit needs no waveform
+        return source, [(name, name, (lambda i=i: corpus.builtin_waves(split)[i][1]))
+                        for i, name in enumerate(corpus.builtin_names(split))]
     root = Path(data).expanduser()
     folder = split_folder(root, split)
     files = find_audio_files(folder)

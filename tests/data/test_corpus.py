@@ -1,6 +1,7 @@
 """The built-in speech-like corpus: deterministic, the documented sizes, speech-like content."""
 
 import numpy as np
+import torch
 
 from pyro_dvae.data import (
     BUILTIN_SPLITS,
@@ -65,9 +66,14 @@ def test_builtin_datasets(tmp_path):
     train, val = data["train"], data["val"]
     assert train.x.shape[1:] == (150, 257) and val.x.shape[1:] == (150, 257)
     assert 90 <= len(train) <= 110 and 15 <= len(val) <= 25
-    assert train.x.dtype == np.float32 or str(train.x.dtype) == "torch.float32"
+    assert train.x.dtype == torch.float32 and train.mask.dtype == torch.bool
     assert train.mask.any(1).all() and (~train.mask).any()  # some padding, no empty sequence
     assert (train.x[~train.mask] == 0).all() and (train.x[train.mask] > 0).all()
+    assert train.names[0] == "builtin/train/train-000"
+    corpus_mod._split_waves.cache_clear()
+    again = load_splits(None, splits="train", cache_dir=tmp_path)["train"]  # from the cache
+    assert corpus_mod._split_waves.cache_info().currsize == 0  # nothing synthesised
+    assert torch.equal(again.x, train.x)
     utterances = load_utterances(None, "test")
     assert len(utterances) == BUILTIN_SPLITS["test"][0]
     assert len({u.num_frames for u in utterances}) == len(utterances)  # variable length
