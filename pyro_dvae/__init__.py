@@ -3,6 +3,7 @@
 from .distributions import Gaussian, ItakuraSaito
 from .models import DVAE, Guide
 from .registry import REGISTRY, build, register
+from .structure import PosteriorReport, check_posterior
 
 __version__ = "0.1.0"
 
@@ -11,7 +12,9 @@ __all__ = [
     "Gaussian",
     "Guide",
     "ItakuraSaito",
+    "PosteriorReport",
     "REGISTRY",
     "build",
+    "check_posterior",
     "register",
 ]
