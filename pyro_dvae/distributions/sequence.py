@@ -54,6 +54,7 @@ class _Sequence:
         self._num_recorded = 0
         self._stacked = None
         self._log_prob = None
+        self._log_prob_steps = None
 
     def record(self, t: int, value: torch.Tensor) -> torch.Tensor:
         self._num_recorded += self.values[t] is None
@@ -73,6 +74,13 @@ class _Sequence:
                 raise RuntimeError(f"values of steps {missing[:5]} were never recorded")
             self._stacked = torch.stack(self.values, 1)
         return self._stacked
+
+    def log_prob_steps(self):
+        """log_prob() split into T tensors (batch,) by one ``unbind``: handing out per-step
+        values this way adds a single autograd node for all steps, not one per step."""
+        if self._log_prob_steps is None or self._log_prob_steps[0] is not self.log_prob():
+            self._log_prob_steps = (self.log_prob(), self.log_prob().unbind(1))
+        return self._log_prob_steps[1]
 
     def _masked(self, lp: torch.Tensor, t=None) -> torch.Tensor:
         if self.mask is None:
@@ -143,8 +151,14 @@ class NormalSequence(_Sequence):
         if key not in self._kl:
             q_loc, q_scale = self.params()
             p_loc, p_scale = prior.params()
-            self._kl[key] = (prior, self._masked(_normal_kl(q_loc, q_scale, p_loc, p_scale)))
+            kl = self._masked(_normal_kl(q_loc, q_scale, p_loc, p_scale))
+            self._kl[key] = (prior, kl, kl.unbind(1))
         return self._kl[key][1]
+
+    def kl_steps(self, prior: "NormalSequence"):
+        """:meth:`kl` split into T tensors (batch,) by one ``unbind``."""
+        self.kl(prior)
+        return self._kl[id(prior)][2]
 
 
 class _StepView(TorchDistribution):
@@ -194,7 +208,7 @@ class NormalStep(_StepView):
 
     def log_prob(self, value):
         if self._is_recorded(value):
-            return self.seq.log_prob()[:, self.t]
+            return self.seq.log_prob_steps()[self.t]
         loc, scale = self.seq.step_params(self.t)
         return self.seq._masked(_normal_log_prob(value, loc, scale), self.t)
 
@@ -230,7 +244,7 @@ class ObservationStep(_StepView):
 
     def log_prob(self, value):
         if self._is_recorded(value):
-            return self.seq.log_prob()[:, self.t]
+            return self.seq.log_prob_steps()[self.t]
         params = self.seq.params()[:, self.t]
         return self.seq._masked(self.seq.likelihood.log_prob(value, params), self.t)
 
@@ -246,7 +260,7 @@ class ObservationStep(_StepView):
 @register_kl(NormalStep, NormalStep)
 def _kl_step_step(q: NormalStep, p: NormalStep):
     if q.seq.complete() and p.seq.complete() and q.seq.T == p.seq.T:
-        return q.seq.kl(p.seq)[:, q.t]
+        return q.seq.kl_steps(p.seq)[q.t]
     q_loc, q_scale = q.seq.step_params(q.t)
     p_loc, p_scale = p.seq.step_params(p.t)
     return q.seq._masked(_normal_kl(q_loc, q_scale, p_loc, p_scale), q.t)
