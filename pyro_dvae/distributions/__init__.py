@@ -1,12 +1,17 @@
-"""Distributions: observation likelihoods and the per-step views of per-sequence densities."""
+"""Distributions: observation likelihoods, the per-step views of per-sequence densities, and the
+Kalman filter / smoother / exact posterior of linear-Gaussian state-space models (kalman.py)."""
 
+from .kalman import KalmanPosterior, KalmanStep, LinearGaussianSSM
 from .likelihoods import Gaussian, ItakuraSaito, Likelihood, get_likelihood
 from .sequence import NormalSequence, NormalStep, ObservationSequence, ObservationStep
 
 __all__ = [
     "Gaussian",
     "ItakuraSaito",
+    "KalmanPosterior",
+    "KalmanStep",
     "Likelihood",
+    "LinearGaussianSSM",
     "NormalSequence",
     "NormalStep",
     "ObservationSequence",

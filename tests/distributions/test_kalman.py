@@ -1,0 +1,283 @@
+"""The Kalman filter / RTS smoother / FFBS posterior against independent references.
+
+References: the dense joint Gaussian of (z_{1:T}, a_{1:T}) built by hand and conditioned with plain
+linear algebra (float64); ``pyro.distributions.GaussianHMM`` for the log-likelihood; Monte Carlo
+moments with tolerances from their standard errors; finite differences (``gradcheck``); and
+Trace_ELBO of a linear-Gaussian DKF whose guide is the exact posterior.
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+from torch import nn
+
+from pyro_dvae.distributions.kalman import LinearGaussianSSM
+from pyro_dvae.models.base import DVAE, Guide
+from pyro_dvae.nn import shift_right
+
+
+def _spd(*shape, scale=1.0, jitter=0.1, gen=None):
+    n = shape[-1]
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return scale * (x @ x.mT) / n + jitter * torch.eye(n, dtype=torch.float64)
+
+
+def random_ssm(batch=(2,), T=5, L=3, D=2, U=2, seed=0, time_invariant_noise=False):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=torch.float64)
+    A = 0.5 * torch.randn(*batch, T, L, L, **kw) / math.sqrt(L) + 0.7 * torch.eye(
+        L, dtype=torch.float64)
+    C = torch.randn(*batch, T, D, L, **kw)
+    B = torch.randn(*batch, T, L, U, **kw)
+    u = torch.randn(*batch, T, U, **kw)
+    if time_invariant_noise:
+        Q, R = _spd(L, L, gen=g), _spd(D, D, gen=g)
+    else:
+        Q, R = _spd(*batch, T, L, L, gen=g), _spd(*batch, T, D, D, gen=g)
+    m0 = torch.randn(*batch, L, **kw)
+    P0 = _spd(*batch, L, L, scale=2.0, gen=g)
+    ssm = LinearGaussianSSM(m0, P0, A, C, Q, R, B=B, u=u)
+    _, a = ssm.rsample_joint()
+    return ssm, a
+
+
+def dense_joint(ssm, b):
+    """Mean and covariance of (z_{1:T}, a_{1:T}) for batch element b, as linear maps of noise."""
+    T, L, D = ssm.T, ssm.state_dim, ssm.obs_dim
+    n = L + T * L + T * D   # s = (z_0 - m_0, w_1..w_T, v_1..v_T), zero mean
+    cov_s = torch.zeros(n, n, dtype=torch.float64)
+    cov_s[:L, :L] = ssm.init_cov[b]
+    for t in range(T):
+        i = L + t * L
+        cov_s[i:i + L, i:i + L] = ssm.Q[b, t]
+        j = L + T * L + t * D
+        cov_s[j:j + D, j:j + D] = ssm.R[b, t]
+    Mz, cz = torch.zeros(L, n, dtype=torch.float64), ssm.init_loc[b].clone()
+    Mz[:, :L] = torch.eye(L)
+    rows_z, rows_a, mz, ma = [], [], [], []
+    for t in range(T):
+        Mz = ssm.A[b, t] @ Mz
+        Mz[:, L + t * L:L + (t + 1) * L] += torch.eye(L, dtype=torch.float64)
+        cz = ssm.A[b, t] @ cz + ssm.offset[b, t]
+        Ma = ssm.C[b, t] @ Mz
+        Ma[:, L + T * L + t * D:L + T * L + (t + 1) * D] += torch.eye(D, dtype=torch.float64)
+        rows_z.append(Mz.clone())
+        rows_a.append(Ma)
+        mz.append(cz.clone())
+        ma.append(ssm.C[b, t] @ cz)
+    M = torch.cat(rows_z + rows_a, 0)
+    return torch.cat(mz + ma), M @ cov_s @ M.T
+
+
+def dense_posterior(ssm, a, b, mask=None):
+    """Mean (T, L) and covariance (T*L, T*L) of z_{1:T} | observed a_t, and log p(observed a)."""
+    T, L, D = ssm.T, ssm.state_dim, ssm.obs_dim
+    mean, cov = dense_joint(ssm, b)
+    nz = T * L
+    obs = torch.ones(T, dtype=torch.bool) if mask is None else mask[b].bool()
+    idx = torch.tensor([nz + t * D + d for t in range(T) if obs[t] for d in range(D)],
+                       dtype=torch.long)
+    a_obs = a[b].reshape(-1)[idx - nz]
+    S_zz, S_za, S_aa = cov[:nz, :nz], cov[:nz][:, idx], cov[idx][:, idx]
+    gain = torch.linalg.solve(S_aa, S_za.T).T
+    post_mean = mean[:nz] + gain @ (a_obs - mean[idx])
+    post_cov = S_zz - gain @ S_za.T
+    loglik = dist.MultivariateNormal(mean[idx], S_aa).log_prob(a_obs)
+    return post_mean.reshape(T, L), post_cov, loglik
+
+
+@pytest.mark.parametrize("time_invariant_noise", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_smoother_matches_dense_conditioning(masked, time_invariant_noise):
+    ssm, a = random_ssm(time_invariant_noise=time_invariant_noise)
+    mask = None
+    if masked:
+        mask = torch.tensor([[True, False, True, True, False], [True, True, True, False, False]])
+    sm = ssm.smooth(a, mask)
+    post = ssm.posterior(a, mask)
+    loglik = ssm.log_prob(a, mask)
+    T, L = ssm.T, ssm.state_dim
+    for b in range(2):
+        mean, cov, ll = dense_posterior(ssm, a, b, mask)
+        assert torch.allclose(sm.loc[b], mean, atol=1e-8, rtol=0)
+        for t in range(T):
+            blk = cov[t * L:(t + 1) * L, t * L:(t + 1) * L]
+            assert torch.allclose(sm.cov[b, t], blk, atol=1e-8, rtol=0)
+        for t in range(T - 1):
+            cross = cov[(t + 1) * L:(t + 2) * L, t * L:(t + 1) * L]   # Cov(z_{t+1}, z_t)
+            assert torch.allclose(sm.cross_cov[b, t], cross, atol=1e-8, rtol=0)
+        assert abs(loglik[b].item() - ll.item()) < 1e-8
+        # the FFBS joint density is the dense posterior density
+        z = post.rsample()
+        dense_lp = dist.MultivariateNormal(mean.reshape(-1), cov).log_prob(z[b].reshape(-1))
+        assert abs(post.log_prob(z)[b].item() - dense_lp.item()) < 1e-8
+    assert torch.allclose(post.mean, sm.loc)
+
+
+def test_filter_matches_dense_filtering_marginals():
+    ssm, a = random_ssm()
+    filt = ssm.filter(a)
+    for t in range(ssm.T):
+        # p(z_t | a_{1:t}): condition the truncated model
+        sub = LinearGaussianSSM(ssm.init_loc, ssm.init_cov, ssm.A[:, :t + 1], ssm.C[:, :t + 1],
+                                ssm.Q[:, :t + 1], ssm.R[:, :t + 1],
+                                offset=ssm.offset[:, :t + 1])
+        for b in range(2):
+            mean, cov, _ = dense_posterior(sub, a[:, :t + 1], b)
+            L = ssm.state_dim
+            assert torch.allclose(filt.loc[b, t], mean[t], atol=1e-8, rtol=0)
+            assert torch.allclose(filt.cov[b, t], cov[t * L:, t * L:], atol=1e-8, rtol=0)
+
+
+def test_loglik_matches_gaussian_hmm():
+    ssm, a = random_ssm(batch=(3,), T=7, L=3, D=2)
+    hmm = dist.GaussianHMM(
+        dist.MultivariateNormal(ssm.init_loc, ssm.init_cov),
+        ssm.A.mT,                                          # (old, new) convention
+        dist.MultivariateNormal(ssm.offset, ssm.Q),
+        ssm.C.mT,
+        dist.MultivariateNormal(torch.zeros(2, dtype=torch.float64), ssm.R))
+    assert torch.allclose(ssm.log_prob(a), hmm.log_prob(a), atol=1e-8, rtol=0)
+
+
+def test_posterior_sample_moments():
+    """FFBS sample mean and covariance (all pairs of (t, i), (s, j)) against the exact ones."""
+    ssm, a = random_ssm(batch=(1,), T=4, L=2, D=2)
+    post = ssm.posterior(a)
+    mean, cov, _ = dense_posterior(ssm, a, 0)
+    N = 40000
+    pyro.set_rng_seed(1)
+    z = post.rsample((N,))[:, 0].reshape(N, -1)           # (N, T*L)
+    m_hat = z.mean(0)
+    var = torch.diagonal(cov)
+    # 5 standard errors: a false alarm has probability < 1e-6 per entry
+    assert ((m_hat - mean.reshape(-1)).abs() <= 5 * (var / N).sqrt()).all()
+    zc = z - mean.reshape(-1)                              # centred at the exact mean
+    c_hat = zc.T @ zc / N
+    se = ((var[:, None] * var[None, :] + cov ** 2) / N).sqrt()   # sd of a Gaussian product mean
+    assert ((c_hat - cov).abs() <= 5 * se).all()
+
+
+def test_gradients_match_finite_differences():
+    ssm, a = random_ssm(batch=(1,), T=4, L=2, D=2)
+    A0, C0, Q0, R0 = (ssm.A.clone(), ssm.C.clone(), ssm.Q[:, 0].clone(), ssm.R[:, 0].clone())
+
+    def f(A, C, Q, R):
+        s = LinearGaussianSSM(ssm.init_loc, ssm.init_cov, A, C, Q, R, offset=ssm.offset)
+        post = s.posterior(a)
+        torch.manual_seed(3)
+        z = post.rsample()
+        return s.log_prob(a), post.mean, post.smoothed.cov, post.log_prob(z), z
+
+    inputs = [t.requires_grad_() for t in (A0, C0, Q0, R0)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_float32_long_sequence_is_stable():
+    """KVAE-sized problem (T 150, L 16, D 32) in float32 agrees with float64."""
+    g = torch.Generator().manual_seed(0)
+    T, L, D = 150, 16, 32
+    A = torch.eye(L, dtype=torch.float64) + 0.05 * torch.randn(4, T, L, L, generator=g,
+                                                               dtype=torch.float64)
+    C = 0.05 * torch.randn(4, T, D, L, generator=g, dtype=torch.float64)
+    Q, R = 0.08 * torch.eye(L, dtype=torch.float64), 0.03 * torch.eye(D, dtype=torch.float64)
+    m0, P0 = torch.zeros(L, dtype=torch.float64), 20 * torch.eye(L, dtype=torch.float64)
+    a = torch.randn(4, T, D, generator=g, dtype=torch.float64)
+    s64 = LinearGaussianSSM(m0, P0, A, C, Q, R)
+    s32 = LinearGaussianSSM(*(t.float() for t in (m0, P0, A, C, Q, R)))
+    p64, p32 = s64.posterior(a), s32.posterior(a.float())
+    assert torch.isfinite(p32.smoothed.cov).all()
+    ll64, ll32 = s64.log_prob(a), s32.log_prob(a.float())
+    assert torch.allclose(ll32.double(), ll64, rtol=1e-4)
+    assert torch.allclose(p32.mean.double(), p64.mean, atol=1e-2, rtol=1e-3)
+    z = p32.rsample()
+    lp = p32.log_prob(z)
+    assert torch.isfinite(lp).all()
+    assert torch.allclose(lp.double(), p64.log_prob(z.double()), rtol=1e-3)
+
+
+def test_step_views_match_joint_density():
+    ssm, a = random_ssm()
+    post = ssm.posterior(a)
+    z = post.rsample()
+    total = 0
+    for t in range(ssm.T - 1, -1, -1):
+        step = post.step(t)
+        post.record(t, z[:, t])
+        total = total + step.log_prob(z[:, t].clone())     # per-step path
+    assert torch.allclose(total, post.log_prob(z), atol=1e-10)
+    vec = sum(post.step(t).log_prob(post.values[t]) for t in range(ssm.T))  # vectorised path
+    assert torch.allclose(vec, post.log_prob(z), atol=1e-10)
+    with pytest.raises(RuntimeError, match="must be sampled before"):
+        post2 = ssm.posterior(a)
+        post2.step(0).rsample()
+
+
+# ---- the smoother as an exact guide of a linear-Gaussian DKF ---------------------------------
+
+class LinearDKF(DVAE):
+    """z_t = A z_{t-1} + w_t (z_0 = 0), x_t = C z_t + v_t, diagonal noise: a linear DKF."""
+
+    name = "linear-dkf"
+
+    def __init__(self, A, C, q, r):
+        super().__init__(x_dim=C.shape[0], z_dim=A.shape[0], likelihood="gaussian")
+        self.A, self.C = nn.Parameter(A), nn.Parameter(C)
+        self.log_q, self.log_r = nn.Parameter(q.log()), nn.Parameter(r.log())
+
+    def prior(self, z, ctx, x, u):
+        return shift_right(z) @ self.A.T, self.log_q.mul(0.5).exp().expand_as(z)
+
+    def emission(self, z, ctx, x, u):
+        return torch.cat([z @ self.C.T, self.log_r.expand(z.shape[:-1] + (self.x_dim,))], -1)
+
+    def ssm(self, T, q_factor=1.0):
+        L = self.z_dim
+        zeros = self.A.new_zeros(L)
+        return LinearGaussianSSM(zeros, torch.diag(zeros), self.A.expand(T, L, L),
+                                 self.C.expand(T, self.x_dim, L),
+                                 torch.diag(q_factor * self.log_q.exp()),
+                                 torch.diag(self.log_r.exp()))
+
+
+class KalmanGuide(Guide):
+    """The exact posterior p(z_{1:T} | x_{1:T}) of LinearDKF, sites z_T, ..., z_1."""
+
+    name = "kalman"
+    q_factor = 1.0
+
+    def guide(self, x, u=None, mask=None):
+        self.model.ssm(x.shape[1], self.q_factor).posterior(x).sample_sites("z")
+
+
+def test_smoother_is_an_exact_guide_of_a_linear_dkf():
+    g = torch.Generator().manual_seed(0)
+    L, D, T = 3, 4, 20
+    A = 0.9 * torch.eye(L, dtype=torch.float64) + 0.1 * torch.randn(L, L, generator=g,
+                                                                     dtype=torch.float64)
+    C = torch.randn(D, L, generator=g, dtype=torch.float64)
+    q = torch.rand(L, generator=g, dtype=torch.float64) + 0.1
+    r = torch.rand(D, generator=g, dtype=torch.float64) + 0.1
+    model = LinearDKF(A, C, q, r).double()
+    guide = KalmanGuide(model)
+    x = model.ssm(T).expand((5,)).rsample().detach()
+    # z_0 = 0: GaussianHMM's first transition matrix is zero, so z_1 ~ N(0, Q)
+    trans = torch.cat([torch.zeros(1, L, L, dtype=torch.float64), A.T.expand(T - 1, L, L)])
+    hmm = dist.GaussianHMM(
+        dist.Normal(torch.zeros(L, dtype=torch.float64), 1.0).to_event(1), trans,
+        dist.Normal(torch.zeros(L, dtype=torch.float64), q.sqrt()).to_event(1), C.T,
+        dist.Normal(torch.zeros(D, dtype=torch.float64), r.sqrt()).to_event(1))
+    exact = hmm.log_prob(x).sum().item()
+    assert abs(model.ssm(T).log_prob(x).sum().item() - exact) < 1e-8
+    elbo = Trace_ELBO()
+    samples = [-elbo.loss(model.model, guide, x) for _ in range(10)]
+    assert all(abs(s - exact) < 1e-10 * abs(exact) for s in samples), (samples, exact)
+    # a genuine check: the smoother of a wrong model (Q doubled) is a strictly worse, noisy guide
+    guide.q_factor = 2.0
+    wrong = [-elbo.loss(model.model, guide, x) for _ in range(10)]
+    assert max(wrong) < exact - 1e-3
+    assert max(wrong) - min(wrong) > 1e-3
