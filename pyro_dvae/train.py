@@ -79,7 +79,7 @@ class TrainConfig:
     worker processes (a torch DataLoader).
     """
 
-    epochs: int = 500
+    epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-4
     patience: int = 20

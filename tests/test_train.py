@@ -99,7 +99,7 @@ def test_training_lowers_validation_loss_synthetic(tmp_path, elbo):
 def test_training_lowers_validation_loss_builtin_corpus(tmp_path):
     from pyro_dvae.data import load_splits
 
-    splits = load_splits(None, seq_len=50, splits=("train", "val"), cache_dir=tmp_path / "cache")
+    splits = load_splits(None, seq_len=50, splits=("train", "val"))
     x_dim = splits["train"].x.shape[-1]
     pyro.set_rng_seed(0)
     model, guide = build("srnn", x_dim=x_dim)

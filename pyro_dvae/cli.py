@@ -1,0 +1,283 @@
+"""The ``pyro-dvae`` command line (click).  Thin: parses options, calls library functions, prints.
+
+Commands: ``models`` (the registry), ``fit`` (training, :func:`pyro_dvae.train.fit`).  Add a
+command with ``@cli.command("name")`` below; report bad input with :class:`click.ClickException`
+(one line ``Error: ...``, exit status 1) and library warnings through :func:`echo_warnings`.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+#: fit options a resumed run may change; every other option must match the run's config.json
+RESUMABLE_OVERRIDES = ("epochs", "patience", "threads", "num_workers")
+
+
+@contextmanager
+def echo_warnings():
+    """Show warnings raised inside as ``Warning: message`` lines on stderr (no source lines)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old = warnings.showwarning
+        warnings.showwarning = lambda message, *args, **kwargs: click.echo(
+            f"Warning: {message}", err=True)
+        try:
+            yield
+        finally:
+            warnings.showwarning = old
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pyro-dvae")
+def cli():
+    """pyro-dvae: Dynamical Variational Autoencoders (Girin et al.) as Pyro models and guides."""
+
+
+# ---- models --------------------------------------------------------------------------------------
+@cli.command("models")
+def models_cmd():
+    """List the registered models and their guides (* = default guide)."""
+    from .registry import REGISTRY
+
+    width = max((len(name) for name in REGISTRY), default=0) + 2
+    for name, entry in REGISTRY.items():
+        click.echo(f"{name:<{width}}{entry.description}")
+        guides = ", ".join(f"{g}*" if g == entry.default_guide else g for g in entry.guides)
+        click.echo(f"{'':<{width}}guides: {guides}")
+
+
+# ---- fit -----------------------------------------------------------------------------------------
+def _parse_model_options(pairs) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise click.ClickException(f"model option {pair!r} is not KEY=VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word is a string: -o cell=gru
+        options[key] = value
+    return options
+
+
+def _check_model_options(entry, options: dict) -> None:
+    reserved = {"x_dim"} & set(options)
+    if reserved:
+        raise click.ClickException("x_dim is set by the data (257 bins for speech), not by -o")
+    sig = inspect.signature(entry.model.__init__)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    allowed = [p for p in sig.parameters if p not in ("self", "x_dim", "likelihood")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise click.ClickException(f"unknown model option {unknown[0]!r} for {entry.name}; "
+                                   f"options: {', '.join(allowed)}")
+
+
+def _explicit(ctx, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _describe(split: str, ds) -> str:
+    padded = len(ds) * ds.seq_len - ds.num_frames
+    text = (f"{split}: {len(ds)} sequences of {ds.seq_len} frames from "
+            f"{len(set(ds.names))} utterances; {padded} frames of padding (shorter files and "
+            "the ends of longer ones are zero-padded and masked)")
+    dropped = getattr(ds, "dropped", [])
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3
+                                          else "")
+        from .data import MIN_FRAMES
+
+        text += (f"; left out {len(dropped)} pieces shorter than {MIN_FRAMES} frames: {shown}")
+    return text
+
+
+def _resume_settings(ctx, out: Path, given: dict) -> dict:
+    """The stored settings of the run in ``out``, with the overrides a resume may change."""
+    import json
+
+    if not (out / "last.pt").is_file():
+        raise click.ClickException(f"{out}: no last.pt to resume from (is it a pyro-dvae run "
+                                   "directory that has finished at least one batch?)")
+    if not (out / "config.json").is_file():
+        raise click.ClickException(f"{out}: no config.json, not a pyro-dvae run directory")
+    cfg = json.loads((out / "config.json").read_text())
+    if "seq_len" not in cfg or "train" not in cfg:
+        raise click.ClickException(f"{out}: config.json was not written by pyro-dvae fit; resume "
+                                   "this run with pyro_dvae.train.fit(..., resume=True)")
+    train = cfg["train"]
+    stored = {"model": cfg.get("model"), "guide": cfg.get("guide"), "data": cfg.get("data"),
+              "seq_len": cfg.get("seq_len"), "likelihood": cfg.get("likelihood"),
+              "model_option": cfg.get("model_options") or {},
+              "batch_size": train.get("batch_size"), "lr": train.get("lr"),
+              "elbo": train.get("elbo"), "kl_warmup": train.get("kl_warmup"),
+              "clip_norm": train.get("clip_norm"), "seed": train.get("seed"),
+              "epochs": train.get("epochs"), "patience": train.get("patience"),
+              "threads": train.get("threads"), "num_workers": train.get("num_workers")}
+    for name, value in given.items():
+        if name not in stored or not _explicit(ctx, name) or name in RESUMABLE_OVERRIDES:
+            continue
+        old = stored[name]
+        if name == "data" and value is not None:
+            value = str(Path(value).expanduser().resolve())
+        if value != old:
+            if name == "model":
+                raise click.ClickException(f"{out} holds a run of model {old!r}, not {value!r}")
+            flag = "-o" if name == "model_option" else "--" + name.replace("_", "-")
+            allowed = ", ".join("--" + o.replace("_", "-") for o in RESUMABLE_OVERRIDES)
+            raise click.ClickException(
+                f"{flag} {value!r} differs from the run's {old!r}; --resume continues the run "
+                f"as configured (it may change only {allowed})")
+    for name in RESUMABLE_OVERRIDES:
+        if _explicit(ctx, name):
+            stored[name] = given[name]
+    return stored
+
+
+@cli.command("fit")
+@click.option("--model", "model", metavar="NAME", help="Registered model (pyro-dvae models).")
+@click.option("--guide", metavar="VARIANT", help="Guide variant (default: the model's).")
+@click.option("--data", type=click.Path(), default=None, metavar="DIR",
+              help="Audio folder with train/ val/ (or si_tr_s/ si_dt_05/); default: the "
+                   "built-in corpus.")
+@click.option("--epochs", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4,
+              show_default=True, help="Adam learning rate (13.2.2; the authors' released "
+                                      "configs used 1e-3).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=150, show_default=True,
+              help="Frames per training sequence (150 = 2.4 s).")
+@click.option("--patience", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Early stopping: epochs without validation improvement (0 = never stop).")
+@click.option("--elbo", type=click.Choice(["trace", "meanfield"]), default="trace",
+              show_default=True, help="Trace_ELBO or TraceMeanField_ELBO (analytic KL).")
+@click.option("--kl-warmup", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="EPOCHS", help="Raise the KL weight beta linearly from 0 to 1 over "
+                                     "EPOCHS epochs.")
+@click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Clip the gradient norm to this value.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's choice).")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Run directory (default: runs/<time>-<model>).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--likelihood", type=click.Choice(["is", "gaussian"]), default="is",
+              show_default=True, help="Itakura-Saito (Gamma, for power spectrograms) or Gaussian.")
+@click.option("-o", "--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
+              help="Keyword argument of the model class, repeatable (e.g. -o z_dim=32).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
+@click.pass_context
+def fit_cmd(ctx, **opts):
+    """Train a model by SVI; writes config.json, history.json, loss.png, best.pt, last.pt."""
+    import pyro
+    import torch
+
+    from .registry import REGISTRY, build
+    from .train import CheckpointError, TrainConfig, TrainingInterrupted, fit
+
+    opts["model_option"] = _parse_model_options(opts["model_option"])
+    if opts["resume"]:
+        if opts["out"] is None:
+            raise click.ClickException("--resume needs --out DIR, the run to continue")
+        out = Path(opts["out"])
+        opts.update(_resume_settings(ctx, out, dict(opts)))
+    else:
+        if opts["model"] is None:
+            raise click.ClickException("missing --model NAME (registered: "
+                                       f"{', '.join(REGISTRY)})")
+        out = Path(opts["out"] or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-"
+                   f"{opts['model']}")
+        if (out / "last.pt").exists():
+            raise click.ClickException(f"{out} already holds a run; continue it with --resume "
+                                       "or choose another --out")
+    name = opts["model"]
+    if name not in REGISTRY:
+        raise click.ClickException(f"unknown model {name!r}; registered models: "
+                                   f"{', '.join(REGISTRY)}")
+    entry = REGISTRY[name]
+    guide_name = opts["guide"] or entry.default_guide
+    if guide_name not in entry.guides:
+        raise click.ClickException(f"unknown guide {guide_name!r} for model {name!r}; choose "
+                                   f"from {', '.join(entry.guides)}")
+    _check_model_options(entry, opts["model_option"])
+    try:
+        config = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+                             patience=opts["patience"], elbo=opts["elbo"],
+                             kl_warmup=opts["kl_warmup"], clip_norm=opts["clip_norm"],
+                             seed=opts["seed"], threads=opts["threads"],
+                             num_workers=opts["num_workers"])
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    say = (lambda *a: None) if opts["quiet"] else (lambda m: click.echo(m, err=True))
+
+    from .data import DataError, load_splits
+
+    data = None if opts["data"] is None else str(Path(opts["data"]).expanduser().resolve())
+    say(f"data: {'the built-in corpus' if data is None else data}")
+    with echo_warnings():
+        try:
+            splits = load_splits(data, seq_len=opts["seq_len"], splits=("train", "val"),
+                                 progress=not opts["quiet"])
+        except DataError as e:
+            raise click.ClickException(str(e)) from None
+    for split, ds in splits.items():
+        say(_describe(split, ds))
+
+    pyro.set_rng_seed(config.seed)
+    kwargs = {"likelihood": opts["likelihood"], **opts["model_option"]}
+    try:
+        model, guide = build(name, guide_name, x_dim=splits["train"].x_dim, **kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise click.ClickException(f"cannot build {name} with options {kwargs}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    meta = {"model_options": opts["model_option"], "data": data, "seq_len": opts["seq_len"]}
+    say(f"{'resuming' if opts['resume'] else 'training'} {name} (guide {guide_name}) in {out}")
+    try:
+        with echo_warnings():
+            hist = fit(model, guide, splits["train"], splits["val"], config, out,
+                       resume=opts["resume"], progress=not opts["quiet"], meta=meta)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    except TrainingInterrupted as e:
+        if e.saved:
+            click.echo(f"Interrupted in epoch {e.epoch + 1} after {e.step} batches; saved "
+                       f"{out / 'last.pt'}. Continue with: pyro-dvae fit --resume --out {out}",
+                       err=True)
+        else:
+            click.echo(f"Interrupted during an optimiser step; {out / 'last.pt'} keeps the "
+                       "last saved state. Continue with: pyro-dvae fit --resume --out "
+                       f"{out}", err=True)
+        ctx.exit(130)
+    best = hist.get("best_val_loss")
+    say(f"{hist['status'].replace('_', ' ')} after {len(hist['epoch'])} epochs; best epoch "
+        f"{hist.get('best_epoch')} (validation {'-' if best is None else f'{best:.4f}'} "
+        f"nats/frame); run saved in {out}")
+
+
+def main(argv=None) -> None:
+    """Console entry point ``pyro-dvae`` (also ``python -m pyro_dvae.cli``)."""
+    cli.main(args=argv, prog_name="pyro-dvae")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
