@@ -64,6 +64,14 @@ def to_graphviz(report):
                 row.node(node_id[v])
         for a, b in zip(members, members[1:]):  # keep time order left to right
             dot.edge(node_id[a], node_id[b], style="invis", weight="10")
+    # a single latent (DSAE's v) goes above the latent sequences
+    singles = [v for v in s.latents if v.index is None]
+    firsts = [v for v in s.latents if v.index is not None]
+    firsts = [min((v for v in firsts if v.family == f), key=lambda v: v.index)
+              for f in dict.fromkeys(v.family for v in firsts)]
+    for a in singles:
+        for b in firsts:
+            dot.edge(node_id[a], node_id[b], style="invis")
     for v, ps in s.parents.items():
         for p in sorted(ps):
             dot.edge(node_id[p], node_id[v], color="black")
