@@ -1,6 +1,7 @@
 """The ``pyro-dvae`` command line (click).  Thin: parses options, calls library functions, prints.
 
-Commands: ``models`` (the registry), ``fit`` (training, :func:`pyro_dvae.train.fit`).  Add a
+Commands: ``models`` (the registry), ``fit`` (training, :func:`pyro_dvae.train.fit`),
+``check-posterior`` (guide vs exact posterior structure, :func:`pyro_dvae.check_posterior`).  Add a
 command with ``@cli.command("name")`` below; report bad input with :class:`click.ClickException`
 (one line ``Error: ...``, exit status 1) and library warnings through :func:`echo_warnings`.
 """
@@ -272,6 +273,132 @@ def fit_cmd(ctx, **opts):
     say(f"{hist['status'].replace('_', ' ')} after {len(hist['epoch'])} epochs; best epoch "
         f"{hist.get('best_epoch')} (validation {'-' if best is None else f'{best:.4f}'} "
         f"nats/frame); run saved in {out}")
+
+
+# ---- check-posterior -----------------------------------------------------------------------------
+@cli.command("check-posterior")
+@click.option("--model", "model", required=True, metavar="NAME",
+              help="Registered model (pyro-dvae models).")
+@click.option("--guide", metavar="VARIANT", help="Guide variant (default: the model's).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--render", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Also draw the compact model graph and the guide's links, missing ones in gold "
+                   "(needs Graphviz).")
+@click.option("--steps", type=click.IntRange(min=5, max=20), default=7, show_default=True,
+              help="Sequence length T the structure is read at.")
+def check_posterior_cmd(model, guide, fmt, render, steps):
+    """Derive the exact posterior structure of a model by D-separation and compare its guide.
+
+    The model's compact graph and the guide's dependencies are read from the code (section 4.2);
+    missing = in the exact posterior, not in the guide; extra = in the guide, not in the exact
+    posterior.
+    """
+    from .structure import RenderError, StructureError, check_registered
+
+    try:
+        report = check_registered(model, guide, steps=steps)
+    except KeyError as e:
+        raise click.ClickException(e.args[0]) from None
+    except StructureError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report.to_json(indent=2) if fmt == "json" else str(report))
+    if render:
+        try:
+            path = report.render(render)
+        except RenderError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"graph written to {path}", err=True)
+
+
+# ---- speech analysis-resynthesis (13.2): evaluate, resynth, generate ----------------------------
+@contextmanager
+def speech_errors():
+    """Errors of the speech library (bad audio, data or run directory: ``AudioError``,
+    ``DataError``, ``CheckpointError``, all ``ValueError``; unreadable paths; a model that cannot
+    generate) as one-line ``Error: ...`` messages with exit status 1; warnings as ``Warning:``."""
+    try:
+        with echo_warnings():
+            yield
+    except (ValueError, OSError, NotImplementedError) as err:
+        raise click.ClickException(" ".join(str(err).split()) or type(err).__name__) from None
+
+
+_CHECKPOINT_HELP = "run directory written by 'pyro-dvae fit' (config.json and best.pt)"
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
+              help=_CHECKPOINT_HELP)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="audio folder with the split (default: the data the run was trained on)")
+@click.option("--split", default="test", show_default=True, help="split to evaluate")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="JSON file (default RUN_DIR/eval_SPLIT.json); the CSV goes beside it")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="worker processes for the metrics (0: in this process)")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="weights to use")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def evaluate_cmd(run_dir, data, split, out, workers, which, progress):
+    """Resynthesise every utterance of a split and score it (RMSE, PESQ, STOI, SI-SDR; 13.2.3)."""
+    from .speech import evaluate_run, format_table
+
+    with speech_errors():
+        result = evaluate_run(run_dir, data, split, out, workers=workers, progress=progress,
+                              which=which)
+    label = f"{result['model']} ({result['guide']})"
+    where = "the built-in corpus" if result["data"] is None else result["data"]
+    click.echo(f"{result['n_files']} utterances of {split} in {where}, {which}.pt of {run_dir}\n")
+    click.echo("mean:\n" + format_table({label: result["summary"]}) + "\n")
+    click.echo("median [95 % CI]:\n" + format_table({label: result["summary"]}, "median") + "\n")
+    click.echo(f"per-file metrics and summary: {result['json']}, {result['csv']}")
+
+
+@cli.command("resynth")
+@click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
+              help=_CHECKPOINT_HELP)
+@click.argument("in_path", metavar="IN.wav", type=click.Path(path_type=Path))
+@click.argument("out_path", metavar="OUT.wav", type=click.Path(path_type=Path))
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="save original and reconstructed spectrograms side by side (PNG)")
+def resynth_cmd(run_dir, in_path, out_path, plot):
+    """Analysis-resynthesis of one audio file (any rate and channels in; 16 kHz mono out)."""
+    from . import metrics
+    from .speech import resynth_file
+    from .train import load_run
+
+    with speech_errors():
+        model, guide, _ = load_run(run_dir)
+        result = resynth_file(model, guide, in_path, out_path, plot)
+    seconds = result.wave.size / 16000
+    click.echo(f"wrote {out_path} ({seconds:.2f} s)" + (f" and {plot}" if plot else "")
+               + f"; RMSE {metrics.rmse(result.original, result.wave):.4f}, "
+               f"SI-SDR {metrics.si_sdr(result.original, result.wave):.1f} dB against the input")
+
+
+@cli.command("generate")
+@click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
+              help=_CHECKPOINT_HELP)
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="length of each sample")
+@click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="number of samples")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--griffin-lim-iters", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Griffin-Lim iterations for the phase")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def generate_cmd(run_dir, seconds, n, seed, griffin_lim_iters, out_dir):
+    """Sample speech from the model's prior; phase by Griffin-Lim; WAV files into OUT_DIR."""
+    from .speech import generate_waves, save_waves
+    from .train import load_run
+
+    with speech_errors():
+        model, _, config = load_run(run_dir)
+        waves = generate_waves(model, seconds, n, n_iter=griffin_lim_iters, seed=seed)
+        paths = save_waves({Path(out_dir) / f"{config['model']}_{seed}_{i:03d}.wav": w
+                            for i, w in enumerate(waves)})
+    click.echo(f"wrote {len(paths)} file(s) of {waves[0].size / 16000:.2f} s to {out_dir}")
 
 
 def main(argv=None) -> None:
