@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from pyro_dvae import metrics as M
 from pyro_dvae import speech as S
 from pyro_dvae.data.datasets import load_utterances
-from pyro_dvae.data.stft import HOP, SAMPLE_RATE, stft
+from pyro_dvae.data.stft import SAMPLE_RATE, stft
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def rms(a):
     return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
 
 
-# ---- resynthesis ---------------------------------------------------------------------------------
+# ---- resynthesis --------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [1.0, 0.03, 7.0])
 def test_identity_resynthesis_gives_the_input_back(utterances, scale):
     for utt in utterances:
@@ -83,7 +82,7 @@ def test_model_reconstruction_is_the_gamma_mean(utterances):
     assert out.wave.shape == utterances[0].wave.shape and np.isfinite(out.wave).all()
 
 
-# ---- Griffin-Lim -----------------------------------------------------------------------------------
+# ---- Griffin-Lim ------------------------------------------------------------------------------
 def spectral_convergence(wave, power):
     mag = np.sqrt(power)
     return np.linalg.norm(np.abs(stft(wave)) - mag) / np.linalg.norm(mag)
@@ -107,9 +106,8 @@ def test_generate_waves_shapes_and_scale():
     model.eval()
     waves = S.generate_waves(model, seconds=0.5, n=2, n_iter=5, seed=1)
     assert len(waves) == 2
-    T = 1 + 8000 // HOP
     for w in waves:
-        assert w.shape == ((T - 1) * HOP,) and w.dtype == np.float32
+        assert w.shape == (8000,) and w.dtype == np.float32
         assert np.isfinite(w).all() and np.abs(w).max() <= 0.99 + 1e-6
     again = S.generate_waves(model, seconds=0.5, n=2, n_iter=5, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(waves, again))
@@ -117,7 +115,7 @@ def test_generate_waves_shapes_and_scale():
         S.generate_waves(model, seconds=0, n=1)
 
 
-# ---- evaluation ------------------------------------------------------------------------------------
+# ---- evaluation ---------------------------------------------------------------------------------
 def test_evaluate_identity_gives_each_maximum_and_writes_json_csv(utterances, tmp_path):
     result = S.evaluate(S.identity_reconstructor, utterances, progress=False)
     rows = result["per_file"]
@@ -178,3 +176,159 @@ def test_atomic_files_leave_nothing_on_error(tmp_path):
             files.temp(target).write_bytes(b"partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- CLI: evaluate, resynth, generate on a tiny trained run -------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """SRNN (predictive) trained for one epoch on the built-in corpus, as `fit` writes it."""
+    import pyro
+
+    from pyro_dvae import build
+    from pyro_dvae.data.datasets import load_splits
+    from pyro_dvae.train import TrainConfig, fit
+
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    splits = load_splits(None, 150, ("train", "val"))
+    model, guide = build("srnn", z_dim=4)
+    out = tmp_path_factory.mktemp("run")
+    fit(model, guide, splits["train"], splits["val"], TrainConfig(epochs=1, lr=1e-3),
+        out_dir=out, progress=False, meta={"data": None, "seq_len": 150})
+    return out
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from pyro_dvae.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_cli_evaluate_writes_results_and_prints_the_table(run_dir, tmp_path):
+    out = tmp_path / "eval" / "srnn.json"
+    result = invoke("evaluate", "--checkpoint", run_dir, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "| model | RMSE | PESQ-WB | PESQ-NB | STOI | ESTOI | SI-SDR (dB) |" in result.output
+    assert "| srnn (smoothing) |" in result.output
+    data = json.loads(out.read_text())
+    names = [u.name for u in load_utterances(None, "test")]
+    assert [r["file"] for r in data["per_file"]] == names  # the run's data: the built-in corpus
+    assert data["model"] == "srnn" and data["split"] == "test" and data["data"] is None
+    for r in data["per_file"]:
+        assert 0 < r["rmse"] < 1 and -0.5 <= r["pesq_wb"] <= 4.65 and 0 <= r["stoi"] <= 1
+    assert set(data["summary"]) == set(M.METRICS)
+    assert out.with_suffix(".csv").is_file()
+
+
+def test_cli_resynth_any_rate_and_channels(run_dir, utterances, tmp_path):
+    wave = utterances[0].wave
+    from pyro_dvae.data.audio import resample
+
+    stereo = np.stack([resample(wave, 16000, 44100), 0.5 * resample(wave, 16000, 44100)], 1)
+    src = tmp_path / "in.wav"
+    sf.write(src, stereo, 44100, subtype="FLOAT")
+    out, plot = tmp_path / "out" / "re.wav", tmp_path / "re.png"
+    result = invoke("resynth", "--checkpoint", run_dir, src, out, "--plot", plot)
+    assert result.exit_code == 0, result.output
+    got, sr = sf.read(out)
+    assert sr == SAMPLE_RATE and got.ndim == 1
+    assert got.size == math.ceil(stereo.shape[0] * 16000 / 44100)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "RMSE" in result.output
+
+
+def test_cli_generate_writes_wavs(run_dir, tmp_path):
+    out = tmp_path / "gen"
+    result = invoke("generate", "--checkpoint", run_dir, "--seconds", 0.5, "--n", 2,
+                    "--griffin-lim-iters", 5, out)
+    assert result.exit_code == 0, result.output
+    files = sorted(out.iterdir())
+    assert len(files) == 2
+    for f in files:
+        w, sr = sf.read(f)
+        assert sr == SAMPLE_RATE and w.size == 8000 and np.abs(w).max() > 0
+
+
+def _bad_audio(tmp_path, kind):
+    path = tmp_path / f"{kind}.wav"
+    if kind == "corrupt":
+        path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    elif kind == "zero_bytes":
+        path.write_bytes(b"")
+    elif kind == "no_samples":
+        sf.write(path, np.zeros(0), SAMPLE_RATE)
+    elif kind == "silence":
+        sf.write(path, np.zeros(SAMPLE_RATE), SAMPLE_RATE)
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("missing", ["no such audio file"]), ("corrupt", ["cannot read"]),
+    ("zero_bytes", ["cannot read"]), ("no_samples", ["empty"]), ("silence", ["silence only"])])
+def test_cli_resynth_bad_audio_one_line_error_no_output(run_dir, tmp_path, kind, words):
+    src = _bad_audio(tmp_path, kind)
+    out_dir = tmp_path / "out"
+    result = invoke("resynth", "--checkpoint", run_dir, src, out_dir / "o.wav",
+                    "--plot", out_dir / "o.png")
+    assert_one_line_error(result, src.name, *words)
+    assert not out_dir.exists()
+
+
+def _bad_run(run_dir, tmp_path, kind):
+    bad = tmp_path / kind
+    bad.mkdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    if kind == "unregistered":
+        config["model"] = "not-a-model"
+        (bad / "best.pt").write_bytes((run_dir / "best.pt").read_bytes())
+    (bad / "config.json").write_text(json.dumps(config))
+    return bad
+
+
+@pytest.mark.parametrize("kind, words", [("no_weights", ["best.pt"]),
+                                         ("unregistered", ["not-a-model", "not registered"])])
+def test_cli_bad_checkpoint_one_line_error_no_output(run_dir, tmp_path, kind, words, utterances):
+    bad = _bad_run(run_dir, tmp_path, kind)
+    src = tmp_path / "in.wav"
+    sf.write(src, utterances[0].wave, SAMPLE_RATE)
+    out = tmp_path / "out"
+    for args in (["evaluate", "--checkpoint", bad, "--out", out / "e.json", "--no-progress"],
+                 ["resynth", "--checkpoint", bad, src, out / "o.wav", "--plot", out / "p.png"],
+                 ["generate", "--checkpoint", bad, "--seconds", 0.2, out]):
+        assert_one_line_error(invoke(*args), *words)
+        assert not out.exists()
+    assert sorted(p.name for p in bad.iterdir()) == sorted(
+        ["config.json"] + (["best.pt"] if kind == "unregistered" else []))
+
+
+def test_cli_evaluate_bad_data_and_generate_bad_length(run_dir, tmp_path):
+    empty = tmp_path / "data"
+    (empty / "test").mkdir(parents=True)
+    out = tmp_path / "e.json"
+    assert_one_line_error(invoke("evaluate", "--checkpoint", run_dir, "--data", empty,
+                                 "--out", out, "--no-progress"))
+    assert not out.exists()
+    result = invoke("generate", "--checkpoint", run_dir, "--seconds", 0, tmp_path / "g")
+    assert result.exit_code != 0 and not (tmp_path / "g").exists()
+
+
+def test_cli_error_exit_status_in_a_real_process(run_dir, tmp_path):
+    # the console entry point itself: a one-line message on stderr, status 1, no traceback
+    proc = subprocess.run([sys.executable, "-m", "pyro_dvae.cli", "resynth", "--checkpoint",
+                           str(run_dir), str(tmp_path / "missing.wav"), str(tmp_path / "o.wav")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "no such audio file" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o.wav").exists()
