@@ -63,10 +63,14 @@ EXPECTED = {
     ("dsae", "factorized"): [row("v", ["x_{1:T}"], ["x_{1:T}"]),
                              row("z_t", ["v", "z_{1:t-1}", "x_{t:T}"], ["x_t"],
                                  ["v", "z_{1:t-1}", "x_{t+1:T}"])],
-    # KVAE (6.11 with the predictive-mode LDS): a_t | a_{1:t-1}, x_{t:T}; z_{1:T} | a_{1:T}
+    # KVAE (6.11 with the predictive-mode LDS, A_t, C_t from an LSTM on a_{1:t-1}): the guide
+    # samples a_1..a_T from q(a_t | x_t), then z_T, ..., z_1 from the exact p(z_{1:T} | a_{1:T})
+    # by backward sampling.  a_t (z marginalised): a_{1:t-1}, x_{t:T}.  z_t given z_{t+1:T} and
+    # a_{1:T}: the co-parents of z_{t+1} are a_{1:t}, z_{t+1} blocks the rest: a_{1:t}, z_{t+1},
+    # which is exactly the backward-sampling factor p(z_t | z_{t+1}, a_{1:t}): consistent.
     ("kvae", "paper"): [row("a_t", ["a_{1:t-1}", "x_{t:T}"], ["x_t"],
                             ["a_{1:t-1}", "x_{t+1:T}"]),
-                        row("z", ["a_{1:T}"], ["a_{1:T}"])],
+                        row("z_t", ["a_{1:t}", "z_{t+1}"], ["a_{1:t}", "z_{t+1}"])],
 }
 
 
