@@ -43,16 +43,18 @@ class VRNNGuide(Guide):
         ctx = model.shared_context(x, u, mask)
         xp, x_in = self.x_part(ctx, mask), ctx["x_in"]
         batch = x.shape[0]
-        state = None
+        state, hs = None, []
 
         def step(t, z_prev):
             nonlocal state
-            fz = (x.new_zeros(batch, 64) if t == 0                # phi_z(z_0) -> 0, as in the model
+            fz = (x.new_zeros(batch, model.z_features.out_dim) if t == 0  # phi_z(z_0) -> 0
                   else model.z_features(z_prev))
             h, state = model.h_rnn.step(model.rnn_input(x_in[:, t], fz), state)   # (8.1)
+            hs.append(h)
             return self.head(self.encoder(torch.cat([xp[:, t], h], -1)))         # (8.11-8.12)
 
-        self.sample_chain("z", x, mask, step)
+        seq = self.sample_chain("z", x, mask, step)
+        model.share_states(ctx, seq.values, torch.stack(hs, 1))  # h_{1:T} for the model (8.13)
 
 
 class VRNNBackwardGuide(VRNNGuide):

@@ -27,7 +27,7 @@ from pyro import poutine
 from torch import nn
 
 from ..nn import MLP, RNN, GaussianHead, shift_right
-from .base import DVAE, use_mean
+from .base import DVAE, kl_weight, use_mean
 
 
 class DSAE(DVAE):
@@ -62,7 +62,7 @@ class DSAE(DVAE):
         pyro.module(self.pyro_name, self)
         batch = x.shape[0]
         with self.plate(x, num_sequences):
-            with poutine.scale(scale=beta):
+            with kl_weight(beta):
                 v = pyro.sample("v", dist.Normal(x.new_zeros(batch, self.v_dim),
                                                  x.new_ones(batch, self.v_dim)).to_event(1))
                 z = self.sample_latents(

@@ -12,17 +12,20 @@ d_x = MLP([phi_z(z_t), h_t], 256, Tanh), each followed by its linear output laye
 as zero feature vectors.
 
 The state h_t is shared by the model and its guide (8.13): the guide steps ``h_rnn`` frame by frame
-(it needs z_{t-1} before it can build h_t), the model recomputes h_{1:T} in one LSTM call from the
-recorded z and uses it for the prior and the decoder of all steps at once.
+(it needs z_{t-1} before it can build h_t) and hands h_{1:T} to the model, which uses it for the
+prior and the decoder of all steps at once when its recorded z_t are the very tensors the guide
+sampled (as in an ELBO: the model replays the guide's trace).  Otherwise (other z values, the model
+run alone, generation) the model computes h_{1:T} in one LSTM call from its own z.
 """
 
 from __future__ import annotations
 
+import pyro
 import torch
 from torch import nn
 
 from ..nn import MLP, RNN, GaussianHead, shift_right
-from .base import DVAE
+from .base import DVAE, kl_weight
 
 
 class VRNN(DVAE):
@@ -46,6 +49,7 @@ class VRNN(DVAE):
         self.decoder = MLP(64 + hidden, 256, "tanh")
         self.x_out = nn.Linear(256, self.num_params)
         self._state_cache = None
+        self._guide_states = None
 
     def context(self, x, u, mask):
         fx = self.x_features(x)
@@ -56,13 +60,43 @@ class VRNN(DVAE):
         """Input of d_h at one step: [phi_x(x_{t-1}), (u_t), phi_z(z_{t-1})]."""
         return torch.cat([x_in_t, z_prev_features], -1)
 
+    def model(self, x, u=None, mask=None, num_sequences=None, beta=1.0):
+        """p(x, z | u) of (8.8); :meth:`DVAE.model` with the z sites visible to :meth:`states`."""
+        self.check_inputs(x, u, mask)
+        pyro.module(self.pyro_name, self)
+        with self.plate(x, num_sequences):
+            ctx = self.shared_context(x, u, mask)
+            local = dict(ctx, shared=ctx)  # + "seq": the z sites, so states() can match the guide's
+            with kl_weight(beta):
+                z = self.sample_latents("z", x, mask, compute=lambda z_: self.prior(z_, local, x, u))
+            local["seq"] = z
+            self.observe("x", x, mask, lambda: self.emission(z.stacked(), local, x, u))
+
+    def share_states(self, ctx: dict, values: list, h: torch.Tensor) -> None:
+        """Called by a guide: h_{1:T} (batch, T, hidden) computed from ``ctx`` and the z values
+        ``values`` (the guide's sample tensors z_1..z_T)."""
+        self._guide_states = (ctx, list(values), h)
+
+    def _states_from_guide(self, z, ctx):
+        shared, self._guide_states = self._guide_states, None
+        seq = ctx.get("seq")
+        if shared is None or seq is None or shared[0] is not ctx.get("shared"):
+            return None
+        if not seq.complete() or z is not seq.stacked() or len(shared[1]) != len(seq.values):
+            return None
+        if all(a is b for a, b in zip(seq.values, shared[1])):
+            return shared[2]
+        return None
+
     def states(self, z, ctx):
         """(h_{1:T}, phi_z(z_{1:T})) from the whole z; h_t uses z_{1:t-1} only (8.1)."""
         cache = self._state_cache
         if cache is not None and cache[0] is z and cache[1] is ctx:
             return cache[2]
         fz = self.z_features(z)
-        h = self.h_rnn(self.rnn_input(ctx["x_in"], shift_right(fz)))
+        h = self._states_from_guide(z, ctx)
+        if h is None:
+            h = self.h_rnn(self.rnn_input(ctx["x_in"], shift_right(fz)))
         self._state_cache = (z, ctx, (h, fz))
         return h, fz
 

@@ -260,3 +260,34 @@ def test_driven_guide_u_dependencies(name, guide_name):
         want = _expected(GUIDE_DEPS[name, guide_name][site], t, False,
                          DRIVEN_GUIDE_U[name, guide_name])
         assert got == want, f"driven {name}/{guide_name} at t={t}: got {got}, expected {want}"
+
+
+@pytest.mark.parametrize("guide_name", ["filtering", "backward"])
+def test_vrnn_states_shared_with_guide_are_exact(guide_name):
+    """The VRNN model takes h_{1:T} from its guide (8.13) instead of recomputing it: same ELBO and
+    same gradients as recomputing, and the model's own LSTM pass is skipped."""
+    from pyro.infer import Trace_ELBO
+
+    x = torch.rand(3, T, F, dtype=torch.float64) + 0.1
+    mask = torch.ones(3, T, dtype=torch.bool)
+    mask[0, 4:] = False
+    results = []
+    for share in (True, False):
+        model, guide = pyro_dvae.build("vrnn", guide=guide_name, x_dim=F, z_dim=Z)
+        model.double(), guide.double()
+        torch.manual_seed(0)
+        model.load_state_dict({k: torch.randn_like(v) * 0.3 for k, v in model.state_dict().items()})
+        guide.load_state_dict({k: torch.randn_like(v) * 0.3 for k, v in guide.state_dict().items()})
+        if not share:
+            model.share_states = lambda *args: None
+        calls = []
+        model.h_rnn.rnn.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        torch.manual_seed(1)
+        loss = Trace_ELBO().differentiable_loss(model.model, guide, x, None, mask)
+        loss.backward()
+        grads = [p.grad.clone() for p in list(model.parameters()) + list(guide.parameters())]
+        results.append((loss.detach(), grads, len(calls)))
+    (l1, g1, calls1), (l2, g2, calls2) = results
+    assert torch.allclose(l1, l2, rtol=1e-12, atol=1e-10)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
+    assert calls1 == T and calls2 == T + 1  # T guide steps; + one vectorised pass when recomputed
