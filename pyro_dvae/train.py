@@ -292,8 +292,10 @@ def iterate_batches(dataset, index_batches: List[List[int]], num_workers: int = 
         return
     if not index_batches:
         return
+    # a generator of its own: the loader's worker seeds must not draw from the global RNG
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=index_batches,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(0))
     for item in loader:
         yield _split_item(item)
 

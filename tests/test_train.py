@@ -156,6 +156,18 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, hard):
     assert hist["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-12)
 
 
+def test_worker_processes_give_the_same_run(tmp_path):
+    """num_workers > 0 (a DataLoader) yields the same batches and leaves the RNG stream alone."""
+    runs = []
+    for workers in (0, 1):
+        model, guide = small()
+        fit(model, guide, Synthetic(), Synthetic(seed=1),
+            TrainConfig(**{**CFG, "epochs": 1}, num_workers=workers), tmp_path / str(workers),
+            progress=False)
+        runs.append(params_of(model, guide))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_resume_extends_a_finished_run(tmp_path):
     train_set, val_set = Synthetic(), Synthetic(seed=1)
     model, guide = small()
