@@ -4,6 +4,7 @@ from .distributions import Gaussian, ItakuraSaito
 from .models import DVAE, Guide
 from .registry import REGISTRY, build, register
 from .structure import PosteriorReport, check_posterior
+from .train import TrainConfig, fit, load_run
 
 __version__ = "0.1.0"
 
@@ -14,7 +15,10 @@ __all__ = [
     "ItakuraSaito",
     "PosteriorReport",
     "REGISTRY",
+    "TrainConfig",
     "build",
     "check_posterior",
+    "fit",
+    "load_run",
     "register",
 ]
