@@ -57,7 +57,16 @@ class LatentReport:
             parts.append("missing " + ", ".join(self.missing))
         if self.extra:
             parts.append("extra " + ", ".join(self.extra))
+        for col in ("missing", "extra"):  # differences the general pattern does not show
+            if not getattr(self, col):
+                for t, items in sorted(self.deviations.get(col, {}).items(),
+                                       key=lambda kv: kv[0] or 0):
+                    if items:
+                        parts.append(f"{col} {', '.join(items)} at {self._step(t)}")
         return "; ".join(parts) or "differs at boundary steps"
+
+    def _step(self, t: Optional[int]) -> str:
+        return self.latent if t is None else self.latent.replace("_t", f"_{t}", 1)
 
     def notes(self) -> List[str]:
         """Boundary (or irregular) steps whose sets are not the truncated general pattern."""
@@ -65,8 +74,7 @@ class LatentReport:
         for col in _COLUMNS:
             for t, items in sorted(self.deviations.get(col, {}).items(),
                                    key=lambda kv: kv[0] or 0):
-                step = self.latent if t is None else self.latent.replace("_t", f"_{t}", 1)
-                out.append(f"{step}: {col} = {', '.join(items) if items else '(nothing)'}")
+                out.append(f"{self._step(t)}: {col} = {', '.join(items) if items else '(nothing)'}")
         return out
 
 

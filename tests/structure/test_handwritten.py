@@ -259,6 +259,7 @@ def test_boundary_deviation_is_noted():
     notes = lat.notes()
     assert "z_1: guide = x_{1:T}" in notes and "z_1: extra = x_{2:T}" in notes
     assert "boundary steps" in str(report)
+    assert str(report).splitlines()[-1] == "verdict: NOT consistent: z_t (extra x_{2:T} at z_1)"
 
 
 def test_table_text():
