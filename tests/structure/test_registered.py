@@ -68,7 +68,7 @@ EXPECTED = {
     # by backward sampling.  a_t (z marginalised): a_{1:t-1}, x_{t:T}.  z_t given z_{t+1:T} and
     # a_{1:T}: the co-parents of z_{t+1} are a_{1:t}, z_{t+1} blocks the rest: a_{1:t}, z_{t+1},
     # which is exactly the backward-sampling factor p(z_t | z_{t+1}, a_{1:t}): consistent.
-    ("kvae", "paper"): [row("a_t", ["a_{1:t-1}", "x_{t:T}"], ["x_t"],
+    ("kvae", "kalman"): [row("a_t", ["a_{1:t-1}", "x_{t:T}"], ["x_t"],
                             ["a_{1:t-1}", "x_{t+1:T}"]),
                         row("z_t", ["a_{1:t}", "z_{t+1}"], ["a_{1:t}", "z_{t+1}"])],
 }
