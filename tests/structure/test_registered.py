@@ -133,3 +133,12 @@ def test_originals_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert list(pyro.get_param_store().keys()) == ["keep"]
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_module_as_model_and_keyword_arguments():
+    """The DVAE module itself is a Pyro callable too; a boolean mask keyword is passed through."""
+    model, guide = build("srnn", "filtering", x_dim=4, z_dim=2)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    d = check_posterior(model, guide, torch.rand(2, 6, 4) + 0.1, mask=mask).to_dict()
+    assert d["model"] == "srnn" and d["guide"] == "filtering"
+    assert d["latents"] == EXPECTED["srnn", "filtering"]
