@@ -5,10 +5,10 @@
 ``pyro.infer.SVI(model.model, guide, pyro.optim.Adam(...), Trace_ELBO()).step(...)`` does -- the
 ELBO's ``differentiable_loss``, backward, an Adam step over the model's and the guide's parameters
 -- written out so that the optimiser is a plain ``torch.optim.Adam`` whose state is a tensors-only
-``state_dict``: checkpoints load with ``torch.load(..., weights_only=True)`` and ``resume`` continues
-exactly.  The objective is the dataset-scaled loss divided by the constant N x T (N sequences of T
-frames), the reference implementation's normalisation; Adam is invariant to a constant factor (up to
-its eps), so the steps are SVI's.
+``state_dict``: checkpoints load with ``torch.load(..., weights_only=True)`` and ``resume``
+continues exactly.  The objective is the dataset-scaled loss divided by the constant N x T (N
+sequences of T frames), the reference implementation's normalisation; Adam is invariant to a
+constant factor (up to its eps), so the steps are SVI's.
 
 What a run directory holds (all files written atomically: temporary file, then ``os.replace``):
 
@@ -95,13 +95,15 @@ class TrainConfig:
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}"),
-            (self.patience >= 0, f"patience must be >= 0 (0 = no early stopping), got {self.patience}"),
+            (self.patience >= 0,
+             f"patience must be >= 0 (0 = no early stopping), got {self.patience}"),
             (self.elbo in ELBOS, f"elbo must be one of {', '.join(ELBOS)}, got {self.elbo!r}"),
             (self.kl_warmup >= 0, f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}"),
             (self.clip_norm is None or self.clip_norm > 0,
              f"clip_norm must be positive, got {self.clip_norm}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (self.threads is None or self.threads >= 1,
+             f"threads must be >= 1, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
         ]
         for ok, message in checks:
@@ -198,7 +200,7 @@ def _load_state(module: nn.Module, state: Dict[str, torch.Tensor], what: str, pa
             from None
 
 
-# ---- the run's description -------------------------------------------------------------------------
+# ---- the run's description -----------------------------------------------------------------------
 def run_config(model, guide, config: TrainConfig, meta: Optional[Dict[str, Any]] = None) -> dict:
     """The content of ``config.json``: what :func:`load_run` needs to rebuild model and guide."""
     cfg = {
@@ -266,7 +268,7 @@ def load_run(run_dir: Union[str, Path], which: str = "best"):
     return model, guide, config
 
 
-# ---- batches ---------------------------------------------------------------------------------------
+# ---- batches -------------------------------------------------------------------------------------
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the training sequences in ``epoch``: a function of (seed, epoch) only, so it
     does not depend on how much of the global RNG earlier epochs (or an interruption) consumed."""
@@ -361,9 +363,10 @@ def evaluate_loss(model, guide, dataset, elbo: str = "trace", batch_size: int = 
     return total / max(frames, 1)
 
 
-# ---- plotting ----------------------------------------------------------------------------------------
+# ---- plotting ------------------------------------------------------------------------------------
 def plot_history(history: dict, path: Union[str, Path]) -> None:
-    """Train and validation loss per epoch to a PNG (Agg canvas; the pyplot backend is untouched)."""
+    """Train and validation loss per epoch to a PNG (an Agg canvas: pyplot's backend is left
+    alone)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -385,7 +388,7 @@ def plot_history(history: dict, path: Union[str, Path]) -> None:
     _atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
 
 
-# ---- Ctrl-C ------------------------------------------------------------------------------------------
+# ---- Ctrl-C --------------------------------------------------------------------------------------
 class _InterruptFlag:
     """While active (main thread only), the first Ctrl-C sets ``requested`` so training stops at
     the end of the current batch; a second Ctrl-C raises KeyboardInterrupt at once."""
@@ -410,7 +413,7 @@ class _InterruptFlag:
         return False
 
 
-# ---- the training loop -----------------------------------------------------------------------------
+# ---- the training loop ---------------------------------------------------------------------------
 def _new_history(model, guide) -> dict:
     return {"epoch": [], "train_loss": [], "val_loss": [], "beta": [], "seconds": [],
             "best_epoch": None, "best_val_loss": None, "status": "running",

@@ -1,4 +1,5 @@
-"""Training loop: loss decreases, exact resume, checkpoints, early stopping, warm-up, frozen params."""
+"""Training loop: loss decreases, exact resume, checkpoints, early stopping, warm-up, frozen
+parameters."""
 
 import json
 import os
