@@ -101,6 +101,22 @@ def plot_curves(results: list, path: Path) -> None:
     fig.savefig(path)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def write_table(results: list, args, path: Path) -> str:
     from pyro_dvae.speech import format_paper_table, format_table
 
@@ -119,8 +135,8 @@ def write_table(results: list, args, path: Path) -> str:
         f"Budget: at most {args.epochs} epochs, Adam lr {args.lr:g}, batch {args.batch_size}, "
         f"early stopping patience {args.patience}, weights of the best validation epoch; "
         f"{args.threads} torch thread(s) per model, {args.jobs} model(s) at a time, "
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores "
-        f"(shared).",
+        f"machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs, CPU only; "
+        f"torch {torch_version()}, Python {platform.python_version()}.",
         "",
         "Test-set means:",
         "",
@@ -194,18 +210,25 @@ def main(argv=None) -> int:
                   f"PESQ-WB {s['pesq_wb']['mean']:.2f} PESQ-NB {s['pesq_nb']['mean']:.2f} "
                   f"STOI {s['stoi']['mean']:.3f} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
-    ordered = [results[n] for n in REGISTRY if n in results]  # the registry's (paper's) order
-    if not ordered:
+            text = write_all(results, args, out)  # after every model: partial results survive
+    if not results:
         print("no model finished", file=sys.stderr)
         return 1
-    plot_curves(ordered, out / "loss_curves.png")
-    text = write_table(ordered, args, out / "table.md")
+    print(text)
+    return 0 if len(results) == len(names) else 1
+
+
+def write_all(results: dict, args, out: Path) -> str:
+    """table.md, loss_curves.png and results.json for the models finished so far."""
+    from pyro_dvae.registry import REGISTRY
     from pyro_dvae.speech import _json_safe
 
+    ordered = [results[n] for n in REGISTRY if n in results]  # the registry's (paper's) order
+    plot_curves(ordered, out / "loss_curves.png")
+    text = write_table(ordered, args, out / "table.md")
     (out / "results.json").write_text(json.dumps(
         _json_safe({"args": vars(args), "results": ordered}), indent=2, default=str) + "\n")
-    print(text)
-    return 0 if len(ordered) == len(names) else 1
+    return text
 
 
 if __name__ == "__main__":
