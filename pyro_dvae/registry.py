@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple, Type
 
 from .guides import dkf as dkf_guides
 from .guides import dsae as dsae_guides
+from .guides import kvae as kvae_guides
 from .guides import rvae as rvae_guides
 from .guides import srnn as srnn_guides
 from .guides import storn as storn_guides
@@ -19,6 +20,7 @@ from .guides.vae import VAEGuide
 from .models.base import DVAE, Guide
 from .models.dkf import DKF
 from .models.dsae import DSAE
+from .models.kvae import KVAE
 from .models.rvae import RVAECausal, RVAENonCausal
 from .models.srnn import SRNN
 from .models.storn import STORN
@@ -70,6 +72,8 @@ def build(name: str, guide: Optional[str] = None, **kwargs) -> Tuple[DVAE, Guide
 
 register("vae", VAE, {"frame": VAEGuide}, "frame", "frame-wise VAE baseline (chapter 2)")
 register("dkf", DKF, dkf_guides.GUIDES, "dks", "deep Kalman filter / DMM (chapter 5, 13.1.1)")
+register("kvae", KVAE, kvae_guides.GUIDES, "kalman",
+         "Kalman VAE: VAE over a switching LG-LDS, exact Kalman smoother (chapter 6, 13.1.2)")
 register("srnn", SRNN, srnn_guides.GUIDES, "smoothing",
          "stochastic recurrent neural network (chapter 9, 13.1.5)")
 register("storn", STORN, storn_guides.GUIDES, "filtering",

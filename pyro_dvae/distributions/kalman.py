@@ -153,6 +153,8 @@ class LinearGaussianSSM(TorchDistribution):
         self.C = C.expand(bt + (D, L))
         self.Q = Q.expand(bt + (L, L))
         self.R = R.expand(bt + (D, D))
+        # unexpanded (time dim 1 or T): constant noise then gets one gradient, not T x batch
+        self._Q, self._R = Q, R
         self.offset = offset.expand(bt + (L,))
         self.T, self.state_dim, self.obs_dim = T, L, D
         super().__init__(batch_shape, torch.Size([T, D]), validate_args=validate_args)
@@ -170,25 +172,32 @@ class LinearGaussianSSM(TorchDistribution):
         P = self.init_cov.expand(shape + self.init_cov.shape[-2:])
         const = 0.5 * self.obs_dim * math.log(2 * math.pi)
         out = {k: [] for k in KalmanFilterResult._fields}
+        # unbind the time dimension once: indexing inside the loop would make every step's
+        # backward pass write a full-size zero gradient
+        As, Cs = self.A.unbind(-3), self.C.unbind(-3)
+        Qs, Rs = (x.unbind(-3) if x.shape[-3] > 1 else [x[..., 0, :, :]] * T
+                  for x in (self._Q, self._R))
+        bs, ys = self.offset.unbind(-2), a.unbind(-2)
+        obs_t = None if mask is None else mask.bool().unbind(-1)
         for t in range(T):
-            A_t, C_t = self.A[..., t, :, :], self.C[..., t, :, :]
+            A_t, C_t, R_t = As[t], Cs[t], Rs[t]
             # predict (3.16): z_t | a_{1:t-1}
-            m_pred = _mv(A_t, m) + self.offset[..., t, :]
-            P_pred = _sym(A_t @ P @ A_t.mT + self.Q[..., t, :, :])
+            m_pred = _mv(A_t, m) + bs[t]
+            P_pred = _sym(A_t @ P @ A_t.mT + Qs[t])
             # update (3.17): innovation y_t, S_t = C P C^T + R, gain K = P C^T S^{-1}
-            y = a[..., t, :] - _mv(C_t, m_pred)
+            y = ys[t] - _mv(C_t, m_pred)
             PCt = P_pred @ C_t.mT
-            S = _sym(C_t @ PCt + self.R[..., t, :, :])
+            S = _sym(C_t @ PCt + R_t)
             L_S = torch.linalg.cholesky(S)
             K = torch.cholesky_solve(PCt.mT, L_S).mT
             m_new = m_pred + _mv(K, y)
             IKC = eye - K @ C_t
-            P_new = _sym(IKC @ P_pred @ IKC.mT + K @ self.R[..., t, :, :] @ K.mT)  # Joseph form
+            P_new = _sym(IKC @ P_pred @ IKC.mT + K @ R_t @ K.mT)  # Joseph form
             w = torch.linalg.solve_triangular(L_S, y.unsqueeze(-1), upper=False).squeeze(-1)
             ll = (-0.5 * (w ** 2).sum(-1)
                   - torch.diagonal(L_S, dim1=-2, dim2=-1).log().sum(-1) - const)
-            if mask is not None:
-                obs = mask[..., t].bool()
+            if obs_t is not None:
+                obs = obs_t[t]
                 m = torch.where(obs.unsqueeze(-1), m_new, m_pred)
                 P = torch.where(obs[..., None, None], P_new, P_pred)
                 ll = torch.where(obs, ll, torch.zeros_like(ll))
@@ -219,7 +228,8 @@ class LinearGaussianSSM(TorchDistribution):
         J = torch.cholesky_solve(A_next @ P, L_pred).mT
         eye = torch.eye(self.state_dim, dtype=P.dtype, device=P.device)
         IJA = eye - J @ A_next
-        cond_cov = _sym(IJA @ P @ IJA.mT + J @ self.Q[..., 1:, :, :] @ J.mT)
+        Q_next = self._Q[..., 1:, :, :] if self._Q.shape[-3] > 1 else self._Q
+        cond_cov = _sym(IJA @ P @ IJA.mT + J @ Q_next @ J.mT)
         return J, cond_cov
 
     def smooth(self, a: torch.Tensor, mask: torch.Tensor | None = None,
@@ -228,12 +238,14 @@ class LinearGaussianSSM(TorchDistribution):
         filt = self.filter(a, mask) if filt is None else filt
         J, cond_cov = self._backward(filt)
         locs, covs, cross = [filt.loc[..., -1, :]], [filt.cov[..., -1, :, :]], []
+        Js, conds = J.unbind(-3), cond_cov.unbind(-3)
+        f_locs, p_locs = filt.loc.unbind(-2), filt.pred_loc.unbind(-2)
         for t in range(self.T - 2, -1, -1):
-            J_t = J[..., t, :, :]
+            J_t = Js[t]
             m_next, P_next = locs[-1], covs[-1]
-            locs.append(filt.loc[..., t, :] + _mv(J_t, m_next - filt.pred_loc[..., t + 1, :]))
+            locs.append(f_locs[t] + _mv(J_t, m_next - p_locs[t + 1]))
             # Cov[z_t] = E Cov[z_t | z_{t+1}] + Cov E[z_t | z_{t+1}]
-            covs.append(_sym(cond_cov[..., t, :, :] + J_t @ P_next @ J_t.mT))
+            covs.append(_sym(conds[t] + J_t @ P_next @ J_t.mT))
             cross.append(P_next @ J_t.mT)
         loc = torch.stack(locs[::-1], -2)
         cov = torch.stack(covs[::-1], -3)
@@ -351,9 +363,10 @@ class KalmanPosterior(TorchDistribution):
         shape = torch.Size(sample_shape) + self.batch_shape + self.event_shape
         eps = torch.randn(shape, dtype=self.offset.dtype, device=self.offset.device)
         z, zs = None, []
+        offsets, gains = self.offset.unbind(-2), self.gain.unbind(-3)
+        trils, eps = self.scale_tril.unbind(-3), eps.unbind(-2)
         for t in range(self.T - 1, -1, -1):
-            loc, tril = self.conditional(t, z)
-            z = loc + _mv(tril, eps[..., t, :])
+            z = offsets[t] + _mv(trils[t], eps[t]) + (0 if z is None else _mv(gains[t], z))
             zs.append(z)
         return torch.stack(zs[::-1], -2)
 

@@ -3,11 +3,12 @@
 from .base import DVAE, Guide, use_mean
 from .dkf import DKF
 from .dsae import DSAE
+from .kvae import KVAE
 from .rvae import RVAE, RVAECausal, RVAENonCausal
 from .srnn import SRNN
 from .storn import STORN
 from .vae import VAE
 from .vrnn import VRNN
 
-__all__ = ["DVAE", "DKF", "DSAE", "Guide", "RVAE", "RVAECausal", "RVAENonCausal", "SRNN", "STORN",
-           "VAE", "VRNN", "use_mean"]
+__all__ = ["DVAE", "DKF", "DSAE", "Guide", "KVAE", "RVAE", "RVAECausal", "RVAENonCausal", "SRNN",
+           "STORN", "VAE", "VRNN", "use_mean"]
