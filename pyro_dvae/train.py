@@ -50,6 +50,8 @@ from torch import nn
 import pyro
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from . import distributed
+
 CHECKPOINT_FORMAT = 1
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 #: training settings that change the optimisation trajectory; a resumed run must keep them
@@ -456,6 +458,10 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
         raise ValueError("fit: the training set is empty")
     if config.threads:
         torch.set_num_threads(config.threads)
+    # torchrun (WORLD_SIZE > 1): data-parallel training, see pyro_dvae.distributed; else None
+    par = distributed.setup(model, guide)
+    writer = par is None or par.is_writer  # only rank 0 writes files and prints
+    progress = progress and writer
     params = _parameters(model, guide)
     device = _device(params)
     optim = torch.optim.Adam(params, lr=config.lr)
@@ -472,6 +478,9 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
         saved = ckpt.get("train_config", {})
         changed = [f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})"
                    for k in _TRAJECTORY_FIELDS if saved.get(k) != getattr(config, k)]
+        procs = 1 if par is None else par.world_size
+        if ckpt.get("world_size", 1) != procs:
+            changed.append(f"number of processes ({ckpt.get('world_size', 1)} -> {procs})")
         if changed:
             raise CheckpointError(f"{last_path}: resuming needs the run's own settings; changed: "
                                   + ", ".join(changed))
@@ -484,8 +493,10 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
         st = {k: ckpt[k] for k in ("epoch", "step", "partial_loss", "partial_frames",
                                    "best_val_loss", "bad_epochs")}
         history = ckpt["history"]
+        if par is not None:
+            par.resume(ckpt, st, last_path)  # this rank's RNG stream
         cfg_path = out / "config.json"
-        if cfg_path.is_file():
+        if writer and cfg_path.is_file():
             cfg = json.loads(cfg_path.read_text())
             cfg["train"] = asdict(config)
             write_json(cfg, cfg_path)
@@ -493,14 +504,23 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
         if last_path.exists():
             raise CheckpointError(f"{out}: already holds a run (last.pt); resume it or choose "
                                   "another output directory")
-        out.mkdir(parents=True, exist_ok=True)
+        if writer:
+            out.mkdir(parents=True, exist_ok=True)
         pyro.set_rng_seed(config.seed)
         st = {"epoch": 0, "step": 0, "partial_loss": 0.0, "partial_frames": 0,
               "best_val_loss": math.inf, "bad_epochs": 0}
         history = _new_history(model, guide)
-        write_json(run_config(model, guide, config, meta), out / "config.json")
+        if writer:
+            write_json(run_config(model, guide, config, meta if par is None else
+                                  {**(meta or {}), **par.meta(config)}), out / "config.json")
 
     elbo = ELBOS[config.elbo]()
+    if par is None:
+        def step_loss(*args):
+            return elbo.differentiable_loss(model.model, guide, *args)
+    else:  # Pyro's ELBO module of (model, guide) in DDP: gradients averaged across ranks
+        step_loss = par.prepare(model, guide, elbo, train_set, config.batch_size,
+                                None if resume else config.seed)
     n = len(train_set)
     checked_params = False
 
@@ -515,10 +535,14 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
         return ck
 
     def save_last(rng_state=None):
-        save_checkpoint(snapshot(torch.get_rng_state() if rng_state is None else rng_state),
-                        last_path)
+        rng_state = torch.get_rng_state() if rng_state is None else rng_state
+        extras = {} if par is None else par.checkpoint_extras(rng_state, st)  # all ranks
+        if writer:
+            save_checkpoint({**snapshot(rng_state), **extras}, last_path)
 
     def publish():
+        if not writer:
+            return
         write_json(history, out / "history.json")
         if history["epoch"]:
             plot_history(history, out / "loss.png")
@@ -532,12 +556,15 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
     safe_rng: List[Optional[torch.Tensor]] = [None]
     bar = None
     try:
-        with _InterruptFlag() as interrupt, pyro.validation_enabled(False):
+        with _InterruptFlag() as interrupt, pyro.validation_enabled(False), \
+                distributed.running(par, out, st):
             while not done():
                 e = st["epoch"]
                 frozen = _frozen(model, e) + _frozen(guide, e)
                 perm = epoch_permutation(n, config.seed, e).tolist()
                 batches = [perm[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
+                if par is not None:  # this rank's share of each global batch
+                    batches = par.batches(n, config.batch_size, config.seed, e)
                 model.train()
                 guide.train()
                 t0 = time.perf_counter()
@@ -552,10 +579,10 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
                     scale = max(n, x.shape[0])
                     optim.zero_grad(set_to_none=True)
                     if not checked_params:
-                        loss = _checked_loss(elbo, model, guide, x, mask, n, beta, params)
+                        loss = _checked_loss(step_loss, x, mask, n, beta, params)
                         checked_params = True
                     else:
-                        loss = elbo.differentiable_loss(model.model, guide, x, None, mask, n, beta)
+                        loss = step_loss(x, None, mask, n, beta)
                     (loss / (scale * x.shape[1])).backward()
                     for p in frozen:
                         p.grad = None
@@ -570,17 +597,20 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{st['partial_loss'] / st['partial_frames']:.4f}")
-                    if interrupt.requested:
+                    if (interrupt.requested if par is None
+                            else par.agree_to_stop(interrupt.requested)):
                         raise KeyboardInterrupt
                 if bar is not None:
                     bar.close()
                     bar = None
                 # ---- end of epoch: validation, best weights, early stopping, checkpoint
+                if par is not None:  # the epoch's sums over all ranks
+                    par.reduce_partials(st)
                 train_loss = st["partial_loss"] / max(st["partial_frames"], 1)
                 if val_set is not None:
-                    val_loss = evaluate_loss(model, guide, val_set, config.elbo,
-                                             config.batch_size, seed=config.seed,
-                                             num_workers=config.num_workers)
+                    val_loss = (evaluate_loss if par is None else par.evaluate_loss)(
+                        model, guide, val_set, config.elbo, config.batch_size, seed=config.seed,
+                        num_workers=config.num_workers)
                 else:
                     val_loss = None
                 monitored = train_loss if val_loss is None else val_loss
@@ -594,15 +624,18 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
                     st["best_val_loss"] = monitored
                     st["bad_epochs"] = 0
                     history["best_epoch"], history["best_val_loss"] = e + 1, monitored
-                    save_checkpoint({"format": CHECKPOINT_FORMAT, "model_name": model.name,
-                                     "guide_name": guide.name, "model": _copy_state(model),
-                                     "guide": _copy_state(guide), "epoch": e + 1,
-                                     "val_loss": monitored}, best_path)
+                    if writer:
+                        save_checkpoint({"format": CHECKPOINT_FORMAT, "model_name": model.name,
+                                         "guide_name": guide.name, "model": _copy_state(model),
+                                         "guide": _copy_state(guide), "epoch": e + 1,
+                                         "val_loss": monitored}, best_path)
                     improved = True
                 else:
                     if e >= config.kl_warmup:
                         st["bad_epochs"] += 1
                     improved = False
+                if par is not None:  # rank 0 decides, every rank follows (and stops with it)
+                    improved = par.follow_rank0(st, history, improved)
                 st.update(epoch=e + 1, step=0, partial_loss=0.0, partial_frames=0)
                 if done():
                     history["status"] = ("finished" if st["epoch"] >= config.epochs
@@ -616,33 +649,39 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
                             f"/{config.patience})  ")
                          + (f"beta {beta:.2f}  " if config.kl_warmup else "")
                          + f"{history['seconds'][-1]:.1f} s")
-                if interrupt.requested:
+                if (interrupt.requested if par is None
+                        else par.agree_to_stop(interrupt.requested)):
                     raise KeyboardInterrupt
             if history["status"] == "running":   # resumed a run that had already finished
                 history["status"] = ("finished" if st["epoch"] >= config.epochs
                                      else "early_stopped")
                 save_last()
                 publish()
+            if par is not None:  # every rank returns once rank 0 has written everything
+                par.barrier()
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
         history["status"] = "interrupted"
-        saved = safe_rng[0] is not None
+        # data-parallel: only a stop all ranks agreed on has a consistent state to save
+        saved = safe_rng[0] is not None and (par is None or par.stopped_together)
         if saved:
             save_last(safe_rng[0])
             publish()
         raise TrainingInterrupted(out, st["epoch"], st["step"], saved) from None
+    if par is not None:
+        par.close()
     if progress and history["status"] == "early_stopped":
         _log(f"early stopping: no improvement for {config.patience} epochs; best epoch "
              f"{history['best_epoch']} (val {history['best_val_loss']:.4f})")
     return history
 
 
-def _checked_loss(elbo, model, guide, x, mask, n, beta, params):
-    """The first loss, traced to check that every Pyro parameter is a module parameter (the
-    optimiser and the checkpoints only know those)."""
+def _checked_loss(step_loss, x, mask, n, beta, params):
+    """The first loss ``step_loss(x, None, mask, n, beta)``, traced to check that every Pyro
+    parameter is a module parameter (the optimiser and the checkpoints only know those)."""
     with pyro.poutine.trace(param_only=True) as capture:
-        loss = elbo.differentiable_loss(model.model, guide, x, None, mask, n, beta)
+        loss = step_loss(x, None, mask, n, beta)
     known = {id(p) for p in params}
     stray = [name for name, site in capture.trace.nodes.items()
              if id(site["value"].unconstrained()) not in known]
