@@ -51,6 +51,12 @@ class VRNN(DVAE):
         self._state_cache = None
         self._guide_states = None
 
+    def __getstate__(self):
+        # the caches hold non-leaf tensors of the last run, which copy.deepcopy / pickle refuse
+        state = dict(self.__dict__)
+        state.update(_state_cache=None, _guide_states=None, _context_cache=None)
+        return state
+
     def context(self, x, u, mask):
         fx = self.x_features(x)
         x_in = shift_right(fx)                                    # phi_x(x_{t-1}), phi_x(x_0) -> 0

@@ -291,3 +291,19 @@ def test_vrnn_states_shared_with_guide_are_exact(guide_name):
     assert torch.allclose(l1, l2, rtol=1e-12, atol=1e-10)
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
     assert calls1 == T and calls2 == T + 1  # T guide steps; + one vectorised pass when recomputed
+
+
+def test_vrnn_copies_after_a_run():
+    """The shared-state caches do not stop copy.deepcopy (used by the structure reader)."""
+    import copy
+
+    from pyro.infer import Trace_ELBO
+
+    model, guide = pyro_dvae.build("vrnn", x_dim=F, z_dim=Z)
+    x = torch.rand(2, T, F) + 0.1
+    Trace_ELBO().differentiable_loss(model.model, guide, x).backward()
+    guide(x)  # a guide run alone leaves h_{1:T} waiting for the model
+    model2, guide2 = copy.deepcopy((model, guide))
+    assert guide2.model is model2
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
