@@ -376,7 +376,9 @@ def plot_history(history: dict, path: Union[str, Path]) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ep = history["epoch"]
-    ax.plot(ep, history["train_loss"], "o-", ms=3, label="train (beta-weighted in warm-up)")
+    warmup = any(b < 1 for b in history.get("beta", []))
+    ax.plot(ep, history["train_loss"], "o-", ms=3,
+            label="train (beta-weighted in warm-up)" if warmup else "train")
     if any(v is not None for v in history["val_loss"]):
         ax.plot(ep, [math.nan if v is None else v for v in history["val_loss"]], "o-", ms=3,
                 label="validation")
