@@ -325,7 +325,7 @@ class KalmanPosterior(TorchDistribution):
         self.filtered = ssm.filter(a, mask)
         J, cond_cov = ssm._backward(self.filtered)
         f = self.filtered
-        # all T factors: J_T = 0, c_T = m_{T|T}, Sigma_T = P_{T|T}
+        # all T factors: J_T = 0, c_T = m_{T|T}, S_T = P_{T|T}
         self.gain = torch.cat([J, torch.zeros_like(f.cov[..., -1:, :, :])], -3)
         c = f.loc[..., :-1, :] - _mv(J, f.pred_loc[..., 1:, :])
         self.offset = torch.cat([c, f.loc[..., -1:, :]], -2)
@@ -334,6 +334,7 @@ class KalmanPosterior(TorchDistribution):
         self._smoothed = None
         self.T, self.dim = ssm.T, ssm.state_dim
         self.values = [None] * self.T
+        self._count = 0
         self._step_log_prob = None
         super().__init__(self.offset.shape[:-2], torch.Size([self.T, self.dim]),
                          validate_args=validate_args)
@@ -390,12 +391,13 @@ class KalmanPosterior(TorchDistribution):
         return KalmanStep(self, t)
 
     def record(self, t: int, value: torch.Tensor) -> torch.Tensor:
+        self._count += self.values[t] is None
         self.values[t] = value
         self._step_log_prob = None
         return value
 
     def complete(self) -> bool:
-        return all(v is not None for v in self.values)
+        return self._count == self.T
 
     def stacked(self) -> torch.Tensor:
         if not self.complete():
@@ -406,7 +408,8 @@ class KalmanPosterior(TorchDistribution):
     def step_log_probs(self) -> torch.Tensor:
         """log p(z_t | z_{t+1}, a_{1:t}) of the recorded values, (..., T), computed once."""
         if self._step_log_prob is None:
-            self._step_log_prob = self._factor_log_prob(self.stacked())
+            # one unbind: per-step values as a single autograd node
+            self._step_log_prob = self._factor_log_prob(self.stacked()).unbind(-1)
         return self._step_log_prob
 
     def sample_sites(self, name: str = "z") -> torch.Tensor:
@@ -417,7 +420,7 @@ class KalmanPosterior(TorchDistribution):
 
 
 class KalmanStep(TorchDistribution):
-    """Step t of a :class:`KalmanPosterior`: N(z_t; c_t + J_t z_{t+1}, Sigma_t), event shape (L,).
+    """Step t of a :class:`KalmanPosterior`: N(z_t; c_t + J_t z_{t+1}, S_t), event shape (L,).
 
     Needs z_{t+1} recorded first (steps are emitted from T down to 1).
     """
@@ -461,7 +464,7 @@ class KalmanStep(TorchDistribution):
     def log_prob(self, value):
         post = self.posterior
         if post.values[self.t] is value and post.complete():
-            return post.step_log_probs()[..., self.t]
+            return post.step_log_probs()[self.t]
         loc, tril = self._params()
         return _mvn_log_prob_tril(value, loc, tril)
 

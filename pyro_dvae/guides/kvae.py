@@ -30,8 +30,9 @@ class KVAEGuide(Guide):
 
     def guide(self, x, u=None, mask=None):
         loc, scale = self.head(self.encoder(x))
-        a = self.sample_independent("a", x, mask, loc, scale).stacked()
-        self.model.ssm(a, u).posterior(a, mask).sample_sites("z")
+        a = self.sample_independent("a", x, mask, loc, scale)
+        # shared with the model's p(a_t | a_{1:t-1}) and p(z | a) (one Kalman filter per step)
+        self.model.exact_posterior(a.values, u, mask).sample_sites("z")
 
 
 GUIDES = {g.name: g for g in (KVAEGuide,)}

@@ -85,6 +85,7 @@ class KVAE(DVAE):
         #: the mixture weights alpha_t(a_{0:t-1}): LSTM (50 units) on a_{t-1}, softmax (13.1.2)
         self.alpha_rnn = RNN(D, alpha_hidden)
         self.alpha_out = nn.Linear(alpha_hidden, self.K)
+        self._kalman_cache = None
 
     # ---- the LG-LDS ---------------------------------------------------------------------------
     def _mix(self, alpha: torch.Tensor):
@@ -119,6 +120,26 @@ class KVAE(DVAE):
         init_loc = a.new_zeros(self.z_dim)
         return LinearGaussianSSM(init_loc, self.init_cov.to(a.dtype), A, C, self.Q, self.R,
                                  offset=offset)
+
+    def exact_posterior(self, values, u: Optional[torch.Tensor] = None,
+                        mask: Optional[torch.Tensor] = None):
+        """p(z_{1:T} | a_{1:T}) (6.11) for a_t = ``values[t]`` (batch, a_dim), a KalmanPosterior.
+
+        Computed once when the guide and then the model (replaying the guide's a_t) ask for it
+        with the same tensors and unchanged parameters: the model takes the guide's object (one
+        Kalman filter per ELBO evaluation, as :meth:`DVAE.shared_context` does for RNN states).
+        """
+        values = tuple(values)
+        key = (tuple(p._version for p in self.parameters()), torch.is_grad_enabled())
+        cache, self._kalman_cache = self._kalman_cache, None
+        if (cache is not None and cache[1] == key and cache[2] is u and cache[3] is mask
+                and len(cache[0]) == len(values)
+                and all(c is v for c, v in zip(cache[0], values))):
+            return cache[4]
+        a = torch.stack(values, 1)
+        post = self.ssm(a, u).posterior(a, mask)
+        self._kalman_cache = (values, key, u, mask, post)
+        return post
 
     def decode(self, a: torch.Tensor) -> torch.Tensor:
         """Decoder outputs (..., num_params) of p(x_t | a_t) (6.5)."""
@@ -240,8 +261,9 @@ class LDSMarginal:
     def posterior(self):
         """p(z_{1:T} | a_{1:T}) (6.11) of the recorded a: a KalmanPosterior (filter shared)."""
         if self._post is None:
-            a = self.stacked()
-            self._post = self.model.ssm(a, self.u).posterior(a, self.mask)
+            if not self.complete():
+                raise RuntimeError("kvae: a_t was not recorded at every step")
+            self._post = self.model.exact_posterior(self.values, self.u, self.mask)
         return self._post
 
     def step_log_probs(self):

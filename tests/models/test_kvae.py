@@ -94,6 +94,21 @@ def test_model_density_is_the_ancestral_joint():
     assert torch.allclose(site_sum, expected, atol=1e-9, rtol=0)
 
 
+def test_model_without_guide_per_step_path():
+    """Run alone, the model samples a_t from p(a_t | a_{1:t-1}) on the recorded prefix; those
+    per-step densities equal the vectorised ones of the completed sequence."""
+    model, _ = small()
+    x, mask = data()
+    tr = poutine.trace(model.model).get_trace(x, None, mask)
+    tr.compute_log_prob()
+    for t in range(T):
+        for name in (f"a_{t + 1}", f"z_{t + 1}"):
+            site = tr.nodes[name]
+            per_step = site["fn"].log_prob(site["value"].clone())   # not the recorded tensor
+            assert torch.allclose(per_step, site["log_prob"], atol=1e-10), name
+    assert (tr.nodes["a_7"]["log_prob"][0] == 0) and (tr.nodes["a_7"]["log_prob"][1] != 0)
+
+
 def test_z_sites_are_the_exact_posterior():
     """Given a, every z draw of the guide gives the same log weight log p(x, a, z) - log q(a, z)
     (q(z | a) is the exact posterior): the z sites add no Monte Carlo noise."""
