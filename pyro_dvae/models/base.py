@@ -107,7 +107,7 @@ class DVAE(nn.Module):
         self.check_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         with self.plate(x, num_sequences):
-            ctx = self.shared_context(x, u, mask)
+            ctx = self.shared_context(x, u, mask, store=False)
             with kl_weight(beta):
                 z = self.sample_latents(
                     "z", x, mask, compute=lambda z_: self.prior(z_, ctx, x, u))
@@ -137,19 +137,29 @@ class DVAE(nn.Module):
         size = batch if num_sequences is None else max(int(num_sequences), batch)
         return pyro.plate("sequences", size, subsample=torch.arange(batch, device=x.device))
 
-    def shared_context(self, x, u=None, mask=None) -> dict:
+    def shared_context(self, x, u=None, mask=None, store: bool = True) -> dict:
         """:meth:`context`, computed once when the guide and then the model see the same x.
 
-        The guide stores it and the next model call with the same inputs and unchanged
-        parameters takes it (SPEC section 5: share deterministic states between model and guide).
+        A guide calls it with ``store=True`` (the default) and leaves the result for the next
+        model call with the same inputs and unchanged parameters, which takes it (``store=False``;
+        SPEC section 5: share deterministic states between model and guide).  A model run on its
+        own computes a fresh context and stores nothing, so a later model-only run never reuses a
+        graph that ``backward`` has already freed.
         """
         key = self._context_key(x, u, mask)
         cache, self._context_cache = self._context_cache, None
         if cache is not None and cache[0] == key and cache[1] is x:
             return cache[2]
         ctx = self.context(x, u, mask)
-        self._context_cache = (key, x, ctx)
+        if store:
+            self._context_cache = (key, x, ctx)
         return ctx
+
+    def __getstate__(self):
+        # run caches hold non-leaf tensors of the last run, which deepcopy / pickle refuse
+        state = dict(self.__dict__)
+        state["_context_cache"] = None
+        return state
 
     def _context_key(self, x, u, mask):
         versions = tuple(p._version for p in self.parameters())

@@ -52,9 +52,8 @@ class VRNN(DVAE):
         self._guide_states = None
 
     def __getstate__(self):
-        # the caches hold non-leaf tensors of the last run, which copy.deepcopy / pickle refuse
-        state = dict(self.__dict__)
-        state.update(_state_cache=None, _guide_states=None, _context_cache=None)
+        state = super().__getstate__()  # the run caches hold non-leaf tensors: drop them
+        state.update(_state_cache=None, _guide_states=None)
         return state
 
     def context(self, x, u, mask):
@@ -71,7 +70,7 @@ class VRNN(DVAE):
         self.check_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         with self.plate(x, num_sequences):
-            ctx = self.shared_context(x, u, mask)
+            ctx = self.shared_context(x, u, mask, store=False)
             local = dict(ctx, shared=ctx)  # + "seq": the z sites, so states() can match the guide's
             with kl_weight(beta):
                 z = self.sample_latents("z", x, mask, compute=lambda z_: self.prior(z_, local, x, u))

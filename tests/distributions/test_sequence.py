@@ -67,3 +67,22 @@ def test_expand_is_identity_only_for_the_same_shape():
     assert fn.expand(torch.Size([3])) is fn
     with pytest.raises(NotImplementedError, match="cannot be expanded"):
         fn.expand(torch.Size([2, 3]))
+
+
+def test_model_only_runs_do_not_reuse_a_freed_context():
+    """Tracing the model alone twice (as a dependency reader does) recomputes its context."""
+    model, guide = pyro_dvae.build("srnn", x_dim=4, z_dim=2)
+    x = torch.rand(2, 4, 4) + 0.1
+    data = {f"z_{t}": torch.zeros(2, 2) for t in range(1, 5)}
+    for _ in range(2):
+        tr = poutine.trace(poutine.condition(model.model, data=data)).get_trace(x)
+        tr.log_prob_sum().backward()
+
+
+def test_deepcopy_after_a_guide_run():
+    import copy
+
+    model, guide = pyro_dvae.build("srnn", x_dim=4, z_dim=2)
+    poutine.trace(guide).get_trace(torch.rand(2, 4, 4) + 0.1)
+    model2, guide2 = copy.deepcopy((model, guide))
+    assert model2._context_cache is None
