@@ -93,11 +93,17 @@ def test_fit_default_out_dir_and_progress(tmp_path, monkeypatch):
 
 def test_fit_audio_folder_short_and_corrupt_files(tmp_path, audio_dir):
     (audio_dir / "train" / "broken.wav").write_bytes(b"RIFF but not really audio")
-    result = invoke(*TINY[:-1], "--data", audio_dir, "--out", tmp_path / "run")
+    sf.write(audio_dir / "train" / "tiny.wav", tone(0.1), 16000)  # 7 frames: too short to use
+    result = invoke("fit", "--model", "vae", "--epochs", "1", "--seq-len", "40", "--data",
+                    audio_dir, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert "Warning:" in result.output and "broken.wav" in result.output
-    # files shorter than a sequence are padded and masked, and the summary says so
-    assert "zero-padded and masked" in result.output
+    # files shorter than a sequence are padded and masked, and the summary says so; pieces
+    # under 16 frames are left out and named
+    summary = next(ln for ln in result.output.splitlines() if ln.startswith("train: "))
+    assert "train: 5 sequences of 40 frames from 4 utterances" in summary
+    assert " 0 frames of padding" not in summary and "zero-padded and masked" in summary
+    assert "shorter than 16 frames: train/tiny.wav (8 frames)" in summary
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["data"] == str(audio_dir.resolve())
 
