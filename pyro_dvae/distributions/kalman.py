@@ -59,6 +59,28 @@ def _mv(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (m @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def cholesky(m: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a symmetric positive-definite matrix (batched).
+
+    If rounding made some matrix of the batch numerically indefinite (float32, a nearly singular
+    covariance), a jitter of eps x mean diagonal x I is added to those matrices only, growing
+    tenfold up to three times; exact-arithmetic results are never changed otherwise.
+    """
+    tril, info = torch.linalg.cholesky_ex(m)
+    if not bool((info > 0).any()):
+        return tril
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    scale = torch.diagonal(m, dim1=-2, dim2=-1).mean(-1).abs()[..., None, None]
+    jitter = torch.finfo(m.dtype).eps * 10
+    for _ in range(4):
+        bad = (info > 0)[..., None, None]
+        tril2, info = torch.linalg.cholesky_ex(torch.where(bad, m + jitter * scale * eye, m))
+        if not bool((info > 0).any()):
+            return tril2
+        jitter *= 10
+    raise torch.linalg.LinAlgError("covariance is not positive definite (even with jitter)")
+
+
 def _psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
     """A square root S (S S^T = cov): the Cholesky factor, or from eigh if cov is singular."""
     tril, info = torch.linalg.cholesky_ex(_sym(cov))
@@ -188,7 +210,7 @@ class LinearGaussianSSM(TorchDistribution):
             y = ys[t] - _mv(C_t, m_pred)
             PCt = P_pred @ C_t.mT
             S = _sym(C_t @ PCt + R_t)
-            L_S = torch.linalg.cholesky(S)
+            L_S = cholesky(S)
             K = torch.cholesky_solve(PCt.mT, L_S).mT
             m_new = m_pred + _mv(K, y)
             IKC = eye - K @ C_t
@@ -224,7 +246,7 @@ class LinearGaussianSSM(TorchDistribution):
         """
         A_next = self.A[..., 1:, :, :]
         P = filt.cov[..., :-1, :, :]
-        L_pred = torch.linalg.cholesky(filt.pred_cov[..., 1:, :, :])
+        L_pred = cholesky(filt.pred_cov[..., 1:, :, :])
         J = torch.cholesky_solve(A_next @ P, L_pred).mT
         eye = torch.eye(self.state_dim, dtype=P.dtype, device=P.device)
         IJA = eye - J @ A_next
@@ -330,7 +352,7 @@ class KalmanPosterior(TorchDistribution):
         c = f.loc[..., :-1, :] - _mv(J, f.pred_loc[..., 1:, :])
         self.offset = torch.cat([c, f.loc[..., -1:, :]], -2)
         self.cond_cov = torch.cat([cond_cov, f.cov[..., -1:, :, :]], -3)
-        self.scale_tril = torch.linalg.cholesky(self.cond_cov)
+        self.scale_tril = cholesky(self.cond_cov)
         self._smoothed = None
         self.T, self.dim = ssm.T, ssm.state_dim
         self.values = [None] * self.T

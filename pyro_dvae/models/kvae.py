@@ -48,7 +48,7 @@ from pyro.distributions import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
-from ..distributions.kalman import LinearGaussianSSM, _mvn_log_prob_tril
+from ..distributions.kalman import LinearGaussianSSM, _mvn_log_prob_tril, cholesky
 from ..nn import MLP, RNN, shift_right
 from .base import DVAE, kl_weight, use_mean
 
@@ -287,7 +287,7 @@ class LDSMarginal:
         C_t = ssm.C[:, t]
         loc = (C_t @ filt.pred_loc[:, t].unsqueeze(-1)).squeeze(-1)
         S = C_t @ filt.pred_cov[:, t] @ C_t.mT + ssm.R[:, t]
-        return loc, torch.linalg.cholesky(0.5 * (S + S.mT))
+        return loc, cholesky(0.5 * (S + S.mT))
 
 
 class LDSMarginalStep(TorchDistribution):

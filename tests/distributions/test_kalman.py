@@ -281,3 +281,15 @@ def test_smoother_is_an_exact_guide_of_a_linear_dkf():
     wrong = [-elbo.loss(model.model, guide, x) for _ in range(10)]
     assert max(wrong) < exact - 1e-3
     assert max(wrong) - min(wrong) > 1e-3
+
+
+def test_cholesky_jitter_only_where_needed():
+    from pyro_dvae.distributions.kalman import cholesky
+
+    good = _spd(3, 3)
+    v = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float32)
+    singular = torch.outer(v, v) - 1e-9 * torch.eye(3)        # indefinite by rounding
+    L = cholesky(torch.stack([good.float(), singular]))
+    assert torch.equal(L[0], torch.linalg.cholesky(good.float()))
+    assert torch.isfinite(L[1]).all()
+    assert torch.allclose(L[1] @ L[1].T, singular, atol=1e-4)
