@@ -17,7 +17,8 @@ of the same length at 16 kHz and return a float; higher is better except for RMS
 
 Undefined values are NaN, never a made-up number: pystoi returns 1e-5 (with a warning) when fewer
 than 30 frames of speech are left after its silence removal, and PESQ raises when it finds no
-utterance; both give NaN here and :func:`summarize` counts them as skipped.
+utterance or the signal is shorter than 0.25 s; these give NaN here and :func:`summarize` counts
+them as skipped.
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ def si_sdr(reference, estimate) -> float:
 
 
 def _pesq(ref: np.ndarray, est: np.ndarray, fs: int, mode: str) -> float:
-    from pesq import NoUtterancesError, pesq
+    from pesq import BufferTooShortError, NoUtterancesError, pesq
 
     try:
         return float(pesq(fs, ref, est, mode))
-    except NoUtterancesError:
+    except (NoUtterancesError, BufferTooShortError):  # no score defined: silence, < 0.25 s
         return math.nan
 
 
@@ -111,7 +112,8 @@ def _to_16k(x: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def pesq_wb(reference, estimate, sample_rate: int = SAMPLE_RATE) -> float:
-    """PESQ wideband (P.862.2) at 16 kHz; NaN when PESQ finds no utterance in the reference."""
+    """PESQ wideband (P.862.2) at 16 kHz; NaN when PESQ finds no utterance in the reference or
+    the signals are shorter than 0.25 s."""
     ref, est = _pair(reference, estimate)
     ref, est = _to_16k(ref, sample_rate), _to_16k(est, sample_rate)
     return _pesq(ref, est, 16000, "wb")
@@ -119,7 +121,8 @@ def pesq_wb(reference, estimate, sample_rate: int = SAMPLE_RATE) -> float:
 
 def pesq_nb(reference, estimate, sample_rate: int = SAMPLE_RATE) -> float:
     """PESQ narrowband (P.862 with the P.862.1 mapping) on both signals resampled to 8 kHz
-    (polyphase low-pass at 4 kHz); NaN when PESQ finds no utterance in the reference."""
+    (polyphase low-pass at 4 kHz); NaN when PESQ finds no utterance in the reference or the
+    signals are shorter than 0.25 s."""
     from scipy.signal import resample_poly
 
     ref, est = _pair(reference, estimate)

@@ -97,6 +97,11 @@ def test_stoi_on_too_short_speech_is_nan_without_warning():
         assert math.isnan(M.estoi(x, x))
 
 
+def test_pesq_on_too_short_signals_is_nan():
+    x = np.random.default_rng(2).standard_normal(int(0.2 * M.SAMPLE_RATE))  # PESQ needs 0.25 s
+    assert math.isnan(M.pesq_wb(x, x)) and math.isnan(M.pesq_nb(x, x))
+
+
 def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="differ in length"):
         M.rmse(np.ones(4), np.ones(5))
