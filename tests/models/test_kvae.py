@@ -300,3 +300,20 @@ def test_cli_fit_kvae(tmp_path):
     hist = json.loads((out / "history.json").read_text())
     assert hist["epoch"] == [1, 2] and hist["status"] == "finished"
     assert all(torch.isfinite(torch.tensor(hist["val_loss"])))
+
+
+def test_float32_long_padding_with_unstable_dynamics():
+    """Regression: a learned A with eigenvalues above 1 and 140 padded frames made the predicted
+    covariance grow to ~1e7 and float32 Cholesky fail (now: float64 Kalman part, jitter)."""
+    model, guide = pyro_dvae.build("kvae", x_dim=F, z_dim=4, a_dim=5, K=2)
+    with torch.no_grad():
+        model.A_bank.copy_(1.07 * torch.eye(4).expand(2, 4, 4))
+    x = torch.rand(2, 150, F) + 0.05
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[1, 10:] = False
+    loss = Trace_ELBO().differentiable_loss(model.model, guide, x, None, mask)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for n, p in list(model.named_parameters()) + list(guide.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert torch.isfinite(model.reconstruct(guide, x, mask=mask)).all()
