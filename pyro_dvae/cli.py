@@ -190,9 +190,12 @@ def fit_cmd(ctx, **opts):
     import pyro
     import torch
 
+    from .distributed import DistributedError, env_rank, exit_now
     from .registry import REGISTRY, build
     from .train import CheckpointError, TrainConfig, TrainingInterrupted, fit
 
+    if env_rank() != 0:  # torchrun: only rank 0 prints (and writes files, see train.fit)
+        opts["quiet"] = True
     opts["model_option"] = _parse_model_options(opts["model_option"])
     if opts["resume"]:
         if opts["out"] is None:
@@ -259,6 +262,8 @@ def fit_cmd(ctx, **opts):
                        resume=opts["resume"], progress=not opts["quiet"], meta=meta)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
+    except DistributedError as e:  # torchrun: a rank died or hung; one line, then exit at once
+        exit_now(f"Error: {e}", 1)
     except TrainingInterrupted as e:
         if e.saved:
             click.echo(f"Interrupted in epoch {e.epoch + 1} after {e.step} batches; saved "

@@ -104,6 +104,22 @@ def env_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def env_rank() -> int:
+    """``RANK`` from the environment (set by torchrun), 0 when unset: the CLI prints on rank 0
+    only, before the process group exists."""
+    return _env_int("RANK", 0)
+
+
+def exit_now(message: str, code: int = 1) -> None:
+    """Print ``message`` to stderr and end the process at once (``os._exit``): after a failed
+    collective the process group's destructor may wait for, or abort on, a hung peer."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def timeout_seconds() -> float:
     """The collective timeout: ``$PYRO_DVAE_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT`."""
     value = os.environ.get(TIMEOUT_ENV)
@@ -302,7 +318,11 @@ class DataParallel:
             find_unused_parameters=unused)
         if seed is not None:
             pyro.set_rng_seed(rank_seed(seed, self.rank))
-        return self.ddp
+        return self.loss
+
+    def loss(self, *args) -> torch.Tensor:
+        """The ELBO loss of this rank's batch through DDP's forward (:meth:`prepare`)."""
+        return self.ddp(*args)
 
     def batches(self, n: int, batch_size: int, seed: int, epoch: int) -> List[List[int]]:
         """This rank's index lists of ``epoch`` (:class:`DistributedBatchSampler`)."""
@@ -399,7 +419,14 @@ class DataParallel:
                 f"(see its own error); {where}") from None
 
     def close(self) -> None:
-        """Destroy the process group if :func:`setup` created it (after a successful run)."""
+        """Release DDP and destroy the process group if :func:`setup` created it (after a run
+        that ended on all ranks together).  DDP goes first: a gloo group still referenced at
+        interpreter exit can abort the process ("terminate called without an active
+        exception")."""
+        import gc
+
+        self.ddp = None
+        gc.collect()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

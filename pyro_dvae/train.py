@@ -670,6 +670,8 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
         if saved:
             save_last(safe_rng[0])
             publish()
+        if par is not None and par.stopped_together:
+            par.close()
         raise TrainingInterrupted(out, st["epoch"], st["step"], saved) from None
     if par is not None:
         par.close()
