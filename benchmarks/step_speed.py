@@ -68,6 +68,37 @@ def plain_loss(model, guide, x):
     return None
 
 
+def bench(name, x, elbo, repeats):
+    """Sequences/second of the Pyro step and (None if not written) of the plain-PyTorch step."""
+    model, guide = pyro_dvae.build(name)
+    opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-4)
+    has_plain = plain_loss(model, guide, x[:2]) is not None
+
+    def step(loss_fn):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    def pyro_loss():
+        return elbo.differentiable_loss(model.model, guide, x, None, None, 10000)
+
+    def torch_loss():
+        return plain_loss(model, guide, x)
+
+    step(pyro_loss)  # warm-up
+    if has_plain:
+        step(torch_loss)
+    tp, tb = [], []
+    for _ in range(repeats):  # interleaved, so machine load hits both alike
+        tp.append(step(pyro_loss))
+        if has_plain:
+            tb.append(step(torch_loss))
+    batch = x.shape[0]
+    return batch / statistics.median(tp), (batch / statistics.median(tb) if has_plain else None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=list(REGISTRY))
@@ -85,35 +116,11 @@ def main():
           f"ELBO {args.elbo}, median of {args.repeats}")
     print(f"{'model':16s} {'pyro seq/s':>11s} {'plain seq/s':>12s} {'ratio':>6s}")
     for name in args.models:
-        model, guide = pyro_dvae.build(name)
-        params = list(model.parameters()) + list(guide.parameters())
-        opt = torch.optim.Adam(params, lr=1e-4)
-        has_plain = plain_loss(model, guide, x[:2]) is not None
-
-        def step(loss_fn):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss_fn().backward()
-            opt.step()
-            return time.perf_counter() - t0
-
-        def pyro_loss():
-            return elbo.differentiable_loss(model.model, guide, x, None, None, 10000)
-
-        step(pyro_loss)  # warm-up
-        if has_plain:
-            step(lambda: plain_loss(model, guide, x))
-        tp, tb = [], []
-        for _ in range(args.repeats):  # interleaved, so machine load hits both alike
-            tp.append(step(pyro_loss))
-            if has_plain:
-                tb.append(step(lambda: plain_loss(model, guide, x)))
-        sp = args.batch / statistics.median(tp)
-        if has_plain:
-            sb = args.batch / statistics.median(tb)
-            print(f"{name:16s} {sp:11.1f} {sb:12.1f} {sp / sb:6.2f}")
-        else:
+        sp, sb = bench(name, x, elbo, args.repeats)
+        if sb is None:
             print(f"{name:16s} {sp:11.1f} {'-':>12s} {'-':>6s}")
+        else:
+            print(f"{name:16s} {sp:11.1f} {sb:12.1f} {sp / sb:6.2f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
 
