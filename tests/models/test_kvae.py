@@ -317,3 +317,22 @@ def test_float32_long_padding_with_unstable_dynamics():
     for n, p in list(model.named_parameters()) + list(guide.named_parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     assert torch.isfinite(model.reconstruct(guide, x, mask=mask)).all()
+
+
+def test_driven_mode_input_enters_the_lds():
+    """Driven mode: the LDS input is [a_{t-1}, u_t]; u_t changes p(a_t | a_{1:t-1}) and later."""
+    model, guide = small(u_dim=2)
+    x, mask = data()
+    u = torch.randn(B, T, 2, dtype=torch.float64)
+    gt = poutine.trace(guide).get_trace(x, u, mask)
+    a = values(gt, "a")
+
+    def log_p_a(u_):
+        return model.ssm(a, u_).filter(a).log_lik
+
+    u2 = u.clone()
+    u2[:, 3] += 1.0
+    diff = (log_p_a(u) - log_p_a(u2)).abs()
+    assert (diff[:, :3] == 0).all() and (diff[:, 3:] > 0).all()
+    loss = Trace_ELBO().loss(model.model, guide, x, u, mask)
+    assert torch.isfinite(torch.tensor(loss))
