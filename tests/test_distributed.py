@@ -65,7 +65,7 @@ def state_of(model, guide):
 def _worker(spec_json: str) -> None:
     """One rank of a run: fit the tiny model, save its final weights to scratch/rank{RANK}.pt."""
     from pyro_dvae.distributed import DistributedError
-    from pyro_dvae.train import TrainConfig
+    from pyro_dvae.train import TrainConfig, TrainingInterrupted
 
     spec = json.loads(spec_json)
     torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def _worker(spec_json: str) -> None:
         def frozen_parameters(epoch):  # called at the start of every epoch
             if epoch == spec["pause_epoch"]:
                 Path(spec["marker"]).write_text("paused")
-                time.sleep(300)
+                time.sleep(spec.get("pause_seconds", 300))
             return set()
 
         model.frozen_parameters = frozen_parameters
@@ -87,6 +87,9 @@ def _worker(spec_json: str) -> None:
     except DistributedError as e:
         print(f"Error: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # skip the process group's destructor, which may wait for a hung peer
+    except TrainingInterrupted as e:
+        print(f"interrupted epoch={e.epoch} step={e.step} saved={e.saved}", file=sys.stderr)
+        sys.exit(130)
     torch.save(state_of(model, guide), Path(spec["scratch"]) / f"rank{rank}.pt")
 
 
@@ -274,13 +277,13 @@ def test_single_process_cannot_resume_a_two_process_run(two_rank_run, tmp_path):
         fit(model, guide, Synthetic(11, 0), None, cfg, copy, resume=True, progress=False)
 
 
-def _paused_run(tmp: Path, name: str, timeout: float):
+def _paused_run(tmp: Path, name: str, timeout: float, **extra):
     """A 2-process run whose rank 1 hangs at the start of its second epoch (after last.pt of
     epoch 1 is written); returns (procs, out, scratch) once rank 1 is paused."""
     out, scratch, marker = tmp / name, tmp / f"{name}-scratch", tmp / f"{name}.paused"
     scratch.mkdir()
     procs = launch({**SPEC, "out": str(out), "scratch": str(scratch), "pause_rank": 1,
-                    "pause_epoch": 1, "marker": str(marker)}, timeout=timeout)
+                    "pause_epoch": 1, "marker": str(marker), **extra}, timeout=timeout)
     deadline = time.monotonic() + 90
     while not marker.exists():
         assert time.monotonic() < deadline, "rank 1 never reached the pause"
@@ -317,6 +320,37 @@ def test_killed_rank_stops_the_other_and_resume_continues(two_rank_run, tmp_path
         "train_loss"]
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_one_rank_stops_all_at_the_same_batch_and_resume_is_exact(two_rank_run,
+                                                                             tmp_path):
+    """SIGINT (what torchrun forwards on Ctrl-C) reaches rank 0 while rank 1 is still busy: both
+    stop after the same batch, last.pt holds that mid-epoch state, and --resume ends exactly where
+    the uninterrupted run ended."""
+    procs, out, scratch = _paused_run(tmp_path, "run", timeout=60, pause_seconds=2)
+    procs[0].send_signal(signal.SIGINT)
+    results = finish(procs, timeout=60)
+    assert [code for code, _ in results] == [130, 130], results
+    assert "interrupted epoch=1 step=1 saved=True" in results[0][1]
+    assert "interrupted epoch=1 step=1 saved=True" in results[1][1]
+    last = load_checkpoint(out / "last.pt")
+    assert (last["epoch"], last["step"]) == (1, 1) and last["partial_frames"] > 0
+    assert json.loads((out / "history.json").read_text())["status"] == "interrupted"
+
+    results = finish(launch({**SPEC, "out": str(out), "scratch": str(scratch), "resume": True}))
+    assert all(code == 0 for code, _ in results), results
+    ref_out, ref_scratch = two_rank_run
+    expected = torch.load(ref_scratch / "rank0.pt")
+    for r in (0, 1):
+        got = torch.load(scratch / f"rank{r}.pt")
+        for k, v in expected.items():
+            assert torch.equal(got[k], v), (r, k)
+    history = json.loads((out / "history.json").read_text())
+    ref = json.loads((ref_out / "history.json").read_text())
+    assert history["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-12)
+    assert history["val_loss"] == ref["val_loss"]
+
+
+@pytest.mark.slow
 def test_hung_rank_makes_the_other_time_out(tmp_path):
     procs, out, _ = _paused_run(tmp_path, "run", timeout=5)
     t0 = time.monotonic()
@@ -356,6 +390,7 @@ def torchrun(*args, nproc=2):
                           timeout=240)
 
 
+@pytest.mark.slow
 def test_torchrun_cli_fit_and_resume(tmp_path, audio_dir):
     """The real launcher: torchrun -m pyro_dvae.cli fit, then --resume with more epochs."""
     out = tmp_path / "run"
