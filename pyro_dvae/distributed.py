@@ -420,15 +420,16 @@ class DataParallel:
 
     def close(self) -> None:
         """Release DDP and destroy the process group if :func:`setup` created it (after a run
-        that ended on all ranks together).  DDP goes first: a gloo group still referenced at
-        interpreter exit can abort the process ("terminate called without an active
-        exception")."""
+        that ended on all ranks together; also at exit, see :func:`setup`).  DDP goes first: a
+        gloo group still referenced at interpreter exit can abort the process ("terminate called
+        without an active exception")."""
         import gc
 
         self.ddp = None
         gc.collect()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        self.owns_group = False
 
 
 _COMM_PATTERNS = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|"
@@ -503,7 +504,12 @@ def setup(model: Optional[nn.Module] = None, guide: Optional[nn.Module] = None,
         for m in (model, guide):
             if m is not None:
                 m.to(device)
-    return DataParallel(dist.get_rank(), dist.get_world_size(), local_rank, backend, device, owns)
+    par = DataParallel(dist.get_rank(), dist.get_world_size(), local_rank, backend, device, owns)
+    if owns:  # e.g. a CheckpointError after setup: still tear the group down before exit
+        import atexit
+
+        atexit.register(par.close)
+    return par
 
 
 def running(par: Optional[DataParallel], out_dir, st: Dict[str, Any]):
