@@ -449,7 +449,9 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
     ``resume=True`` continues the run in ``out_dir`` from its ``last.pt`` (same model, guide and
     trajectory settings; ``epochs`` and ``patience`` may grow).  ``meta`` is merged into
     config.json.  Returns the history dict (as in history.json).  Ctrl-C saves ``last.pt`` and
-    raises :class:`TrainingInterrupted`.
+    raises :class:`TrainingInterrupted`.  Launched by torchrun (``WORLD_SIZE`` > 1), or with a
+    process group initialised, it trains data-parallel with DDP, ``batch_size`` per process
+    (:mod:`pyro_dvae.distributed`; a lost process raises its ``DistributedError``).
     """
     if config is None:
         config = TrainConfig()
