@@ -101,6 +101,7 @@ class NormalSequence(_Sequence):
         super().__init__(batch, T, dim, like, mask)
         self._compute = compute
         self._params = None if loc is None else (loc, scale)
+        self._draw = None
         self._step_params: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * T
         self._kl = {}
 
@@ -113,6 +114,18 @@ class NormalSequence(_Sequence):
         self._params = self._params if self._compute is None else None
         self._kl = {}
         return super().record(t, value)
+
+    def given_params(self) -> bool:
+        """Whether the parameters of all steps were given at once (no recursion on z)."""
+        return self._compute is None and self._params is not None
+
+    def draw_all(self):
+        """With all parameters given: one reparameterised draw of every step, vectorised, split
+        into T tensors (batch, dim) by one ``unbind``; step t's ``rsample`` hands out entry t."""
+        if self._draw is None:
+            loc, scale = self._params
+            self._draw = (loc + scale * torch.randn_like(loc)).unbind(1)
+        return self._draw
 
     def params(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale), each (batch, T, dim), for all steps."""
@@ -202,6 +215,8 @@ class NormalStep(_StepView):
         return self.scale ** 2
 
     def rsample(self, sample_shape=torch.Size()):
+        if not sample_shape and self.seq.given_params():
+            return self.seq.draw_all()[self.t]
         loc, scale = self.seq.step_params(self.t)
         shape = torch.Size(sample_shape) + loc.shape
         return loc + scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
