@@ -41,8 +41,13 @@ if str(ROOT) not in sys.path:
 
 def train_and_evaluate(name: str, data: str, out: str, epochs: int, lr: float, patience: int,
                        seq_len: int, batch_size: int, threads: int, seed: int,
-                       eval_workers: int) -> dict:
-    """One model: fit (early stopping on val), then evaluate best.pt on test.  Runs in a worker."""
+                       eval_workers: int, reuse: bool = False) -> dict:
+    """One model: fit (early stopping on val), then evaluate best.pt on test.  Runs in a worker.
+
+    If training raises after a best.pt was saved, the best epoch so far is still evaluated and the
+    error is recorded in ``status``.  ``reuse``: take a finished (or crashed) run already in the
+    run directory, and its ``eval_test.json`` when present, instead of training again.
+    """
     import warnings
 
     import torch
@@ -63,12 +68,32 @@ def train_and_evaluate(name: str, data: str, out: str, epochs: int, lr: float, p
     model, guide = build(name)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                          seed=seed, threads=threads)
+    error = None
+    if reuse and (run_dir / "history.json").is_file() and (run_dir / "best.pt").is_file():
+        history = json.loads((run_dir / "history.json").read_text())
+        train_seconds = sum(history["seconds"])
+        note = run_dir / "error.txt"
+        error = note.read_text().strip() if note.is_file() else None
+    else:
+        t0 = time.perf_counter()
+        try:
+            history = fit(model, guide, splits["train"], splits["val"], config, out_dir=run_dir,
+                          progress=False, meta={"data": str(data), "seq_len": seq_len})
+        except Exception as err:
+            if not (run_dir / "best.pt").is_file():
+                raise
+            error = f"{type(err).__name__}: {err}"
+            (run_dir / "error.txt").write_text(error + "\n")
+            history = json.loads((run_dir / "history.json").read_text())
+        train_seconds = time.perf_counter() - t0
+    if error is not None:
+        history["status"] = f"crashed in epoch {len(history['epoch']) + 1} ({error})"
     t0 = time.perf_counter()
-    history = fit(model, guide, splits["train"], splits["val"], config, out_dir=run_dir,
-                  progress=False, meta={"data": str(data), "seq_len": seq_len})
-    train_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = evaluate_run(run_dir, data, "test", workers=eval_workers, progress=False)
+    cached = run_dir / "eval_test.json"
+    if reuse and cached.is_file():
+        result = json.loads(cached.read_text())
+    else:
+        result = evaluate_run(run_dir, data, "test", workers=eval_workers, progress=False)
     eval_seconds = time.perf_counter() - t0
     return {"model": name, "guide": guide.name, "run_dir": str(run_dir),
             "train_seconds": train_seconds, "eval_seconds": eval_seconds,
@@ -99,6 +124,17 @@ def plot_curves(results: list, path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
+
+
+SPEECH16K_ATTRIBUTION = """
+Data: speech16k, from Asterisk's core sound prompts, CC BY-SA 3.0
+(https://creativecommons.org/licenses/by-sa/3.0/). en-US and es-MX prompts (c) 2003-2010 Allison
+Smith (http://www.theivrvoice.com), financial contributions by Digium, Inc.; fr-CA prompts (c)
+2006-2008 June Wallack (http://www.junewallack.com), translated by Clod Patry, Kristopher Lalletti
+and June Wallack, financial contributions by Digium, Inc., Unlimitel and BGM Informatique.
+Changes: decoded from G.722 and re-encoded as 16 kHz FLAC; tone and silence prompts removed; split
+into train/val/test.  These results (and the trained weights) are released under CC BY-SA 3.0.
+"""
 
 
 def cpu_model() -> str:
@@ -142,6 +178,9 @@ def write_table(results: list, args, path: Path) -> str:
         "",
         format_table(summaries, "mean", extra=extra),
         "",
+        *[f"- {r['model']}: {r['status']}; the weights of its best epoch are evaluated."
+          for r in results if r["status"] not in ("finished", "early_stopped")],
+        "",
         "Test-set medians [95 % confidence interval]:",
         "",
         format_table(summaries, "median"),
@@ -151,6 +190,8 @@ def write_table(results: list, args, path: Path) -> str:
         format_paper_table([r["model"] for r in results]),
         "",
     ])
+    if "speech16k" in str(args.data):
+        text += SPEECH16K_ATTRIBUTION
     path.write_text(text)
     return text
 
@@ -172,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/speech")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished runs (and their evaluations) found in OUT/runs/")
     args = p.parse_args(argv)
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -191,7 +234,8 @@ def main(argv=None) -> int:
 
     common = dict(data=args.data, out=str(out), epochs=args.epochs, lr=args.lr,
                   patience=args.patience, seq_len=args.seq_len, batch_size=args.batch_size,
-                  threads=args.threads, seed=args.seed, eval_workers=args.eval_workers)
+                  threads=args.threads, seed=args.seed, eval_workers=args.eval_workers,
+                  reuse=args.reuse)
     results, started = {}, time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs,
                              mp_context=multiprocessing.get_context("spawn")) as pool:
