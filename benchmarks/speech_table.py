@@ -82,7 +82,8 @@ def train_and_evaluate(name: str, data: str, out: str, epochs: int, lr: float, p
         except Exception as err:
             if not (run_dir / "best.pt").is_file():
                 raise
-            error = f"{type(err).__name__}: {err}"
+            lines = str(err).strip().splitlines()  # Pyro appends the trace's shapes
+            error = f"{type(err).__name__}: {lines[0] if lines else ''}"
             (run_dir / "error.txt").write_text(error + "\n")
             history = json.loads((run_dir / "history.json").read_text())
         train_seconds = time.perf_counter() - t0
