@@ -80,6 +80,18 @@ def cholesky(m: torch.Tensor) -> torch.Tensor:
         if not bool((info > 0).any()):
             return tril2
         jitter *= 10
+    if not bool(torch.isfinite(m).all()):
+        raise torch.linalg.LinAlgError("covariance has non-finite entries (diverged parameters?)")
+    # Last resort: rounding in a product of large and small factors left negative eigenvalues
+    # bigger than any jitter relative to the result's own scale; project those matrices onto the
+    # positive-definite cone (eigenvalues floored at 1e-12 x the largest) and factor that.
+    evals, evecs = torch.linalg.eigh(_sym(m))
+    floor = evals.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(m.dtype).tiny) * 1e-12
+    fixed = _sym((evecs * evals.clamp(min=floor).unsqueeze(-2)) @ evecs.mT)
+    bad = (info > 0)[..., None, None]
+    tril2, info = torch.linalg.cholesky_ex(torch.where(bad, fixed, m))
+    if not bool((info > 0).any()):
+        return tril2
     raise torch.linalg.LinAlgError("covariance is not positive definite (even with jitter)")
 
 

@@ -293,3 +293,19 @@ def test_cholesky_jitter_only_where_needed():
     assert torch.equal(L[0], torch.linalg.cholesky(good.float()))
     assert torch.isfinite(L[1]).all()
     assert torch.allclose(L[1] @ L[1].T, singular, atol=1e-4)
+
+
+def test_cholesky_projects_rounding_indefinite_matrices_and_refuses_nan():
+    """A covariance whose rounding error exceeds any relative jitter (seen when a learned KVAE
+    transition had eigenvalues above 1) is projected onto the PD cone, not refused; NaN is."""
+    from pyro_dvae.distributions.kalman import cholesky
+
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
+    m = q @ torch.diag(torch.tensor([1.0, 1.0, -1e-6], dtype=torch.float64)) @ q.T
+    good = torch.eye(3, dtype=torch.float64) * 2
+    L = cholesky(torch.stack([good, m]))
+    assert torch.isfinite(L).all()
+    assert torch.equal(L[0], torch.linalg.cholesky(good))       # untouched where it factors
+    assert torch.allclose(L[1] @ L[1].T, m, atol=2e-6)           # within the rounding it fixes
+    with pytest.raises(torch.linalg.LinAlgError, match="non-finite"):
+        cholesky(torch.full((3, 3), float("nan"), dtype=torch.float64))
