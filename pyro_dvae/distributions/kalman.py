@@ -73,13 +73,14 @@ def cholesky(m: torch.Tensor) -> torch.Tensor:
         return tril
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
     scale = torch.diagonal(m, dim1=-2, dim2=-1).mean(-1).abs()[..., None, None]
-    jitter = torch.finfo(m.dtype).eps * 10
+    level = torch.finfo(m.dtype).eps * 10
+    jitter = torch.zeros_like(scale)  # per matrix; only ever raised where factoring still fails
     for _ in range(8):
-        bad = (info > 0)[..., None, None]
-        tril2, info = torch.linalg.cholesky_ex(torch.where(bad, m + jitter * scale * eye, m))
+        jitter = torch.where((info > 0)[..., None, None], level * scale, jitter)
+        tril, info = torch.linalg.cholesky_ex(m + jitter * eye)
         if not bool((info > 0).any()):
-            return tril2
-        jitter *= 10
+            return tril
+        level *= 10
     if not bool(torch.isfinite(m).all()):
         raise torch.linalg.LinAlgError("covariance has non-finite entries (diverged parameters?)")
     # Last resort: rounding in a product of large and small factors left negative eigenvalues
@@ -88,9 +89,9 @@ def cholesky(m: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(_sym(m))
     floor = evals.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(m.dtype).tiny) * 1e-12
     fixed = _sym((evecs * evals.clamp(min=floor).unsqueeze(-2)) @ evecs.mT)
-    bad = (info > 0)[..., None, None]
-    tril2, info = torch.linalg.cholesky_ex(torch.where(bad, fixed, m))
-    if not bool((info > 0).any()):
+    tril2, info2 = torch.linalg.cholesky_ex(torch.where((info > 0)[..., None, None], fixed,
+                                                        m + jitter * eye))
+    if not bool((info2 > 0).any()):
         return tril2
     raise torch.linalg.LinAlgError("covariance is not positive definite (even with jitter)")
 

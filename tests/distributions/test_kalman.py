@@ -309,3 +309,19 @@ def test_cholesky_projects_rounding_indefinite_matrices_and_refuses_nan():
     assert torch.allclose(L[1] @ L[1].T, m, atol=2e-6)           # within the rounding it fixes
     with pytest.raises(torch.linalg.LinAlgError, match="non-finite"):
         cholesky(torch.full((3, 3), float("nan"), dtype=torch.float64))
+
+
+def test_cholesky_jitter_is_per_matrix_and_monotone():
+    """Matrices needing different jitter levels in one batch all get factored (a matrix fixed at
+    a small jitter keeps it while another one needs more: no oscillation)."""
+    from pyro_dvae.distributions.kalman import cholesky
+
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    mats = [q @ torch.diag(torch.tensor([1e16, 1e15, 1.0, neg], dtype=torch.float64)) @ q.T
+            for neg in (-1e-2, -3e2, -1e5)]
+    m = torch.stack(mats)
+    assert (torch.linalg.cholesky_ex(m).info > 0).all()
+    L = cholesky(m)
+    scale = torch.diagonal(m, dim1=-2, dim2=-1).mean(-1)
+    err = (L @ L.mT - m).abs().amax((-1, -2)) / scale
+    assert torch.isfinite(L).all() and (err < 1e-7).all()
