@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import torch
 
 from . import __version__
 
@@ -264,6 +265,13 @@ def fit_cmd(ctx, **opts):
         raise click.ClickException(str(e)) from None
     except DistributedError as e:  # torchrun: a rank died or hung; one line, then exit at once
         exit_now(f"Error: {e}", 1)
+    except (torch.linalg.LinAlgError, FloatingPointError) as e:
+        # a numerical failure inside the model (Pyro appends its trace table: keep line one)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise click.ClickException(
+            f"training failed numerically: {first}; {out / 'last.pt'} keeps the last saved "
+            f"state (try a lower --lr or --clip-norm, then pyro-dvae fit --resume --out {out})"
+        ) from None
     except TrainingInterrupted as e:
         if e.saved:
             click.echo(f"Interrupted in epoch {e.epoch + 1} after {e.step} batches; saved "

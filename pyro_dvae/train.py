@@ -587,6 +587,10 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
                         checked_params = True
                     else:
                         loss = step_loss(x, None, mask, n, beta)
+                    if not bool(torch.isfinite(loss.detach())):
+                        raise FloatingPointError(
+                            f"non-finite loss ({float(loss.detach())}) in epoch {e + 1}, batch "
+                            f"{st['step'] + 1}; the weights were not updated with it")
                     (loss / (scale * x.shape[1])).backward()
                     for p in frozen:
                         p.grad = None

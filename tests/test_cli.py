@@ -201,3 +201,23 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "pyro_dvae.cli", "fit", "--model", "nosuch"],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("Error: unknown model")
+
+
+def test_fit_reports_a_non_finite_loss_in_one_line(tmp_path, monkeypatch):
+    """A numerical failure (NaN loss) stops training with one line naming it, no traceback."""
+    from click.testing import CliRunner
+
+    from pyro_dvae import cli
+    from pyro_dvae.models.vae import VAE
+
+    def broken_emission(self, z, ctx, x, u):
+        return self.x_out(self.decoder(z)) * float("nan")
+
+    monkeypatch.setattr(VAE, "emission", broken_emission)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli.cli, ["fit", "--model", "vae", "--epochs", "1", "--out",
+                                       str(out), "-q", "--threads", "1"])
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1 and "non-finite loss" in lines[0] and "--resume" in lines[0]
+    assert "Traceback" not in res.output
