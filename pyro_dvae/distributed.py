@@ -208,32 +208,13 @@ def sharded_loss_sums(model, guide, dataset, elbo: str = "trace", batch_size: in
     ELBO sample per sequence).  Summed over the ranks, the result does not depend on
     ``world_size``; the training RNG is left untouched.
     """
-    from .train import ELBOS, _device, _frames, _parameters, _to_device, iterate_batches
+    from .train import loss_sums
 
     n = len(dataset)
-    if n == 0:
-        raise ValueError("evaluate_loss: the data set is empty")
-    device = _device(_parameters(model, guide))
-    loss_fn = ELBOS[elbo]()
-    cuda = [device.index or 0] if device.type == "cuda" else []
     ks = list(range(rank, -(-n // batch_size), world_size))
     batches = [list(range(k * batch_size, min((k + 1) * batch_size, n))) for k in ks]
-    was_training = model.training, guide.training
-    model.eval()
-    guide.eval()
-    total, frames = 0.0, 0
-    try:
-        with torch.random.fork_rng(devices=cuda), pyro.validation_enabled(False):
-            for k, (x, mask) in zip(ks, iterate_batches(dataset, batches, num_workers)):
-                torch.manual_seed(batch_seed(seed, k))
-                x, mask = _to_device(x, mask, device)
-                total += float(loss_fn.differentiable_loss(model.model, guide, x, None, mask,
-                                                           None, 1.0))
-                frames += _frames(x, mask)
-    finally:
-        model.train(was_training[0])
-        guide.train(was_training[1])
-    return total, frames
+    return loss_sums(model, guide, dataset, batches, elbo, num_workers,
+                     batch_seeds=[batch_seed(seed, k) for k in ks])
 
 
 # ---- the data-parallel context -------------------------------------------------------------------

@@ -340,10 +340,20 @@ def evaluate_loss(model, guide, dataset, elbo: str = "trace", batch_size: int = 
     training RNG is left untouched).
     """
     n = len(dataset)
-    if n == 0:
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    total, frames = loss_sums(model, guide, dataset, batches, elbo, num_workers, seed=seed)
+    return total / max(frames, 1)
+
+
+def loss_sums(model, guide, dataset, batches: List[List[int]], elbo: str = "trace",
+              num_workers: int = 0, seed: int = 0,
+              batch_seeds: Optional[List[int]] = None) -> Tuple[float, int]:
+    """(sum of the negative VLB, number of unmasked frames) over ``batches`` of ``dataset``, in eval
+    mode, beta = 1, one ELBO sample per sequence, on a forked RNG (the caller's stream is left
+    untouched): seeded once with ``seed``, or before each batch with ``batch_seeds``."""
+    if len(dataset) == 0:
         raise ValueError("evaluate_loss: the data set is empty")
-    params = _parameters(model, guide)
-    device = _device(params)
+    device = _device(_parameters(model, guide))
     loss_fn = ELBOS[elbo]()
     cuda = [device.index or 0] if device.type == "cuda" else []
     was_training = model.training, guide.training
@@ -353,8 +363,9 @@ def evaluate_loss(model, guide, dataset, elbo: str = "trace", batch_size: int = 
     try:
         with torch.random.fork_rng(devices=cuda), pyro.validation_enabled(False):
             torch.manual_seed(seed)
-            batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-            for x, mask in iterate_batches(dataset, batches, num_workers):
+            for i, (x, mask) in enumerate(iterate_batches(dataset, batches, num_workers)):
+                if batch_seeds is not None:
+                    torch.manual_seed(batch_seeds[i])
                 x, mask = _to_device(x, mask, device)
                 total += float(loss_fn.differentiable_loss(model.model, guide, x, None, mask,
                                                            None, 1.0))
@@ -362,7 +373,7 @@ def evaluate_loss(model, guide, dataset, elbo: str = "trace", batch_size: int = 
     finally:
         model.train(was_training[0])
         guide.train(was_training[1])
-    return total / max(frames, 1)
+    return total, frames
 
 
 # ---- plotting ------------------------------------------------------------------------------------
