@@ -1,24 +1,50 @@
-"""pyro-dvae: Dynamical Variational Autoencoders (Girin et al.) as Pyro models and guides."""
+"""pyro-dvae: Dynamical Variational Autoencoders (Girin et al.) as Pyro models and guides.
 
-from .distributions import Gaussian, ItakuraSaito
-from .models import DVAE, Guide
-from .registry import REGISTRY, build, register
-from .structure import PosteriorReport, check_posterior
-from .train import TrainConfig, fit, load_run
+The public names below are imported on first use (PEP 562), so that ``import pyro_dvae`` and the
+command line's ``--help`` do not pay for importing torch and pyro.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DVAE",
-    "Gaussian",
-    "Guide",
-    "ItakuraSaito",
-    "PosteriorReport",
-    "REGISTRY",
-    "TrainConfig",
-    "build",
-    "check_posterior",
-    "fit",
-    "load_run",
-    "register",
-]
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "DVAE": "models",
+    "Gaussian": "distributions",
+    "Guide": "models",
+    "ItakuraSaito": "distributions",
+    "PosteriorReport": "structure",
+    "REGISTRY": "registry",
+    "TrainConfig": "train",
+    "build": "registry",
+    "check_posterior": "structure",
+    "fit": "train",
+    "load_run": "train",
+    "register": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pyro_dvae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for static analysis and IDEs
+    from .distributions import Gaussian, ItakuraSaito
+    from .models import DVAE, Guide
+    from .registry import REGISTRY, build, register
+    from .structure import PosteriorReport, check_posterior
+    from .train import TrainConfig, fit, load_run

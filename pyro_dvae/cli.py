@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-import torch
 
 from . import __version__
 
@@ -54,7 +53,7 @@ def models_cmd():
     width = max((len(name) for name in REGISTRY), default=0) + 2
     for name, entry in REGISTRY.items():
         click.echo(f"{name:<{width}}{entry.description}")
-        guides = ", ".join(f"{g}*" if g == entry.default_guide else g for g in entry.guides)
+        guides = ", ".join(f"{g}*" if g == entry.default_guide else g for g in entry.guide_names)
         click.echo(f"{'':<{width}}guides: {guides}")
 
 
