@@ -190,7 +190,7 @@ def fit_cmd(ctx, **opts):
     import pyro
     import torch
 
-    from .distributed import DistributedError, env_rank, exit_now
+    from .train.distributed import DistributedError, env_rank, exit_now
     from .registry import REGISTRY, build
     from .train import CheckpointError, TrainConfig, TrainingInterrupted, fit
 

@@ -61,6 +61,10 @@ from torch import nn
 
 import pyro
 
+from .batches import epoch_permutation, iterate_batches, parameters, to_device
+from .checkpoint import CheckpointError
+from .validation import loss_sums
+
 #: environment variable with the collective timeout in seconds
 TIMEOUT_ENV = "PYRO_DVAE_DIST_TIMEOUT"
 #: default timeout of every collective (seconds): how long a rank waits for a dead or hung peer
@@ -178,8 +182,6 @@ class DistributedBatchSampler(torch.utils.data.Sampler):
 
     def global_batches(self) -> List[List[int]]:
         """The epoch's global batches (every rank's sequences of each step, padded order)."""
-        from .train import epoch_permutation
-
         order = epoch_permutation(self.n, self.seed, self.epoch).tolist()
         total = -(-self.n // self.world_size) * self.world_size
         while len(order) < total:  # pad like DistributedSampler (wraps if n < world_size)
@@ -208,8 +210,6 @@ def sharded_loss_sums(model, guide, dataset, elbo: str = "trace", batch_size: in
     ELBO sample per sequence).  Summed over the ranks, the result does not depend on
     ``world_size``; the training RNG is left untouched.
     """
-    from .train import loss_sums
-
     n = len(dataset)
     ks = list(range(rank, -(-n // batch_size), world_size))
     batches = [list(range(k * batch_size, min((k + 1) * batch_size, n))) for k in ks]
@@ -218,12 +218,6 @@ def sharded_loss_sums(model, guide, dataset, elbo: str = "trace", batch_size: in
 
 
 # ---- the data-parallel context -------------------------------------------------------------------
-def _parameters(*modules: nn.Module) -> List[nn.Parameter]:
-    from .train import _parameters as params
-
-    return params(*modules)
-
-
 class DataParallel:
     """The state of one rank of a data-parallel run and the collectives :func:`fit` needs.
 
@@ -280,14 +274,12 @@ class DataParallel:
         (resumed runs) keeps the state :meth:`resume` restored."""
         from torch.nn.parallel import DistributedDataParallel
 
-        from .train import _to_device, iterate_batches
-
         module = elbo(model, guide)  # pyro.infer.elbo.ELBOModule: forward = differentiable_loss
         # DDP fails at the second step if a parameter gets no gradient; find out (any rank) and
         # let DDP look for unused parameters only then (it costs a graph traversal per step)
-        params = [p for p in _parameters(model, guide) if p.requires_grad]
+        params = [p for p in parameters(model, guide) if p.requires_grad]
         first = list(range(min(batch_size, len(train_set))))
-        x, mask = _to_device(*next(iterate_batches(train_set, [first])), self.device)
+        x, mask = to_device(*next(iterate_batches(train_set, [first])), self.device)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), pyro.validation_enabled(False), \
                 pyro.settings.context(module_local_params=True):
@@ -361,8 +353,6 @@ class DataParallel:
     def resume(self, ckpt: Dict[str, Any], st: Dict[str, Any], path) -> None:
         """Continue this rank's RNG stream from ``ckpt``; the running training-loss sums of the
         checkpoint (over all ranks) stay with rank 0 only."""
-        from .train import CheckpointError
-
         states = ckpt.get("rng_states")
         if not isinstance(states, list) or len(states) != self.world_size:
             raise CheckpointError(f"{path}: no RNG states of the {self.world_size} processes "
@@ -443,7 +433,7 @@ def setup(model: Optional[nn.Module] = None, guide: Optional[nn.Module] = None,
     ``cuda:LOCAL_RANK``), else ``gloo``, and the collective timeout ``timeout`` seconds
     (default :func:`timeout_seconds`).  Raises :class:`DistributedError` (one line).
     """
-    params = _parameters(*(m for m in (model, guide) if m is not None))
+    params = parameters(*(m for m in (model, guide) if m is not None))
     on_cuda = bool(params) and params[0].device.type == "cuda"
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() == 1:

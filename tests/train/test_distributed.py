@@ -21,12 +21,12 @@ import torch
 
 import pyro
 from pyro_dvae import build
-from pyro_dvae.distributed import (DistributedBatchSampler, batch_seed, rank_seed,
+from pyro_dvae.train.distributed import (DistributedBatchSampler, batch_seed, rank_seed,
                                    sharded_loss_sums)
 from pyro_dvae.train import CheckpointError, epoch_permutation, fit, load_checkpoint
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parents[1]
+ROOT = HERE.parents[2]
 # n = 11 sequences with 2 ranks: every epoch is padded by one sequence (DistributedSampler's rule)
 SPEC = {"n_train": 11, "n_val": 7, "epochs": 2, "batch_size": 3, "lr": 1e-2, "seed": 3}
 RUN_FILES = {"config.json", "history.json", "loss.png", "best.pt", "last.pt"}
@@ -64,7 +64,7 @@ def state_of(model, guide):
 # ---- the worker (one rank) -----------------------------------------------------------------------
 def _worker(spec_json: str) -> None:
     """One rank of a run: fit the tiny model, save its final weights to scratch/rank{RANK}.pt."""
-    from pyro_dvae.distributed import DistributedError
+    from pyro_dvae.train.distributed import DistributedError
     from pyro_dvae.train import TrainConfig, TrainingInterrupted
 
     spec = json.loads(spec_json)

@@ -232,7 +232,7 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
 def test_best_checkpoint_holds_best_epoch_and_early_stopping(tmp_path, monkeypatch):
     """Scripted validation losses: the best is epoch 2; patience 2 stops after epoch 4."""
     scripted = iter([3.0, 1.0, 2.0, 4.0, 5.0, 6.0])
-    monkeypatch.setattr(train, "evaluate_loss", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(train.loop, "evaluate_loss", lambda *a, **k: next(scripted))
     snapshots = {}
 
     class Recorder(VAE):
