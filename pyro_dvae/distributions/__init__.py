@@ -2,10 +2,12 @@
 Kalman filter / smoother / exact posterior of linear-Gaussian state-space models (kalman.py)."""
 
 from .kalman import KalmanPosterior, KalmanStep, LinearGaussianSSM
-from .likelihoods import Gaussian, ItakuraSaito, Likelihood, get_likelihood
+from .likelihoods import LIKELIHOODS, Bernoulli, Gaussian, ItakuraSaito, Likelihood, get_likelihood
 from .sequence import NormalSequence, NormalStep, ObservationSequence, ObservationStep
 
 __all__ = [
+    "LIKELIHOODS",
+    "Bernoulli",
     "Gaussian",
     "ItakuraSaito",
     "KalmanPosterior",
