@@ -18,7 +18,10 @@ sampling without recorded values) evaluates the same function on the prefix.
 - ``kl_divergence`` between a guide step and a prior step is registered and vectorised, so
   ``TraceMeanField_ELBO`` uses the analytic per-step KL.
 
-Masks (batch, T) zero the log-densities and KLs of padded frames.
+Masks (batch, T) zero the log-densities and KLs of padded frames.  They select (``torch.where``)
+rather than multiply, so a non-finite value computed at a padded frame cannot reach the sum
+(0 * inf is NaN); :meth:`pyro_dvae.DVAE.prepare_inputs` also zeroes the padded frames of x and u
+before any network reads them, which keeps the gradients finite too.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class _Sequence:
                  mask: Optional[torch.Tensor] = None):
         self.batch, self.T, self.dim = batch, T, dim
         self.dtype, self.device = like.dtype, like.device
-        self.mask = None if mask is None else mask.to(like.dtype)
+        self.mask = None if mask is None else mask.to(device=like.device, dtype=torch.bool)
         self.values: List[Optional[torch.Tensor]] = [None] * T
         self._num_recorded = 0
         self._stacked = None
@@ -83,9 +86,10 @@ class _Sequence:
         return self._log_prob_steps[1]
 
     def _masked(self, lp: torch.Tensor, t=None) -> torch.Tensor:
+        """``lp`` where the frame is real, 0 on padded frames (selection, not multiplication)."""
         if self.mask is None:
             return lp
-        return lp * (self.mask if t is None else self.mask[:, t])
+        return torch.where(self.mask if t is None else self.mask[:, t], lp, lp.new_zeros(()))
 
 
 class NormalSequence(_Sequence):

@@ -69,7 +69,7 @@ class DKFGuide(Guide):
             parts.append(self.frame_net(feat))
         if self.context == "local":
             if mask is not None:  # a padded neighbour is treated like the boundary (zeros)
-                feat = feat * mask.unsqueeze(-1).to(feat.dtype)
+                feat = torch.where(mask.bool().unsqueeze(-1), feat, feat.new_zeros(()))
             nxt = shift_right(feat.flip(1)).flip(1)
             parts.append(self.frame_net(torch.cat([shift_right(feat), feat, nxt], -1)))
         return parts

@@ -8,7 +8,9 @@ more Pyro guides q(z_{1:T} | x_{1:T}, u_{1:T}) (4.2).  Both take the same argume
 
 - ``x``: (batch, T, F) observed sequence (a power spectrogram for speech), batch first.
 - ``u``: optional (batch, T, U) external input (driven mode, 4.1.1).
-- ``mask``: optional (batch, T) bool, False on padded frames of variable-length sequences.
+- ``mask``: optional (batch, T) bool, False on padded frames of variable-length sequences.  What
+  a padded frame of x or u holds never matters, NaN and inf included: :meth:`DVAE.prepare_inputs`
+  replaces it by zeros (by selection) before any network reads it.
 - ``num_sequences``: size of the data set the batch was drawn from; the batch plate is subsampled
   with it so the ELBO is on the scale of the whole data set.
 - ``beta``: weight of the latent terms (KL warm-up); 1 gives the VLB.
@@ -72,6 +74,7 @@ class DVAE(nn.Module):
         self.num_params = self.likelihood.num_params(self.x_dim)
         self.pyro_name = _unique_pyro_name(self.name or type(self).__name__.lower())
         self._context_cache = None
+        self._input_cache = None
 
     # ---- subclass hooks -------------------------------------------------------------------
     def context(self, x: torch.Tensor, u: Optional[torch.Tensor],
@@ -104,7 +107,7 @@ class DVAE(nn.Module):
               mask: Optional[torch.Tensor] = None, num_sequences: Optional[int] = None,
               beta: float = 1.0) -> None:
         """p(x_{1:T}, z_{1:T} | u_{1:T}): z_t sites, then x_t sites, per time step."""
-        self.check_inputs(x, u, mask)
+        x, u = self.prepare_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         with self.plate(x, num_sequences):
             ctx = self.shared_context(x, u, mask, store=False)
@@ -129,6 +132,29 @@ class DVAE(nn.Module):
             assert mask.shape == x.shape[:2], (
                 f"{self.name}: mask must be (batch, T) = {tuple(x.shape[:2])}, "
                 f"got {tuple(mask.shape)}")
+
+    def prepare_inputs(self, x: torch.Tensor, u: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`check_inputs`, then (x, u) with every padded frame (mask False) set to zero.
+
+        By selection (``torch.where``), so a NaN or inf in a padded frame reaches neither the
+        networks nor, through 0 * inf = NaN, the loss or its gradients.  Every model and guide
+        entry point calls it first.  The guide and then the model of one ELBO evaluation get the
+        same tensors back (remembered by identity), so :meth:`shared_context` still matches.
+        """
+        self.check_inputs(x, u, mask)
+        if mask is None:
+            return x, u
+        versions = (x._version, None if u is None else u._version)
+        c = self._input_cache
+        if c is not None and c[0] is x and c[1] is u and c[2] is mask and c[3] == versions:
+            return c[4]
+        keep = mask.to(device=x.device, dtype=torch.bool).unsqueeze(-1)
+        out = (torch.where(keep, x, x.new_zeros(())),
+               None if u is None else torch.where(keep, u, u.new_zeros(())))
+        self._input_cache = (x, u, mask, versions, out)
+        return out
 
     @staticmethod
     def plate(x: torch.Tensor, num_sequences: Optional[int] = None):
@@ -159,6 +185,7 @@ class DVAE(nn.Module):
         # run caches hold non-leaf tensors of the last run, which deepcopy / pickle refuse
         state = dict(self.__dict__)
         state["_context_cache"] = None
+        state["_input_cache"] = None
         return state
 
     def _context_key(self, x, u, mask):
@@ -267,7 +294,7 @@ class Guide(nn.Module):
     def forward(self, x: torch.Tensor, u: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, num_sequences: Optional[int] = None,
                 beta: float = 1.0) -> None:
-        self.model.check_inputs(x, u, mask)
+        x, u = self.model.prepare_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         with self.model.plate(x, num_sequences), kl_weight(beta):
             self.guide(x, u, mask)

@@ -58,7 +58,7 @@ class DSAE(DVAE):
 
     def model(self, x, u=None, mask=None, num_sequences=None, beta=1.0):
         """p(v) prod_t p(z_t | z_{1:t-1}) p(x_t | z_t, v) (11.1): site ``v``, then z_t, then x_t."""
-        self.check_inputs(x, u, mask)
+        x, u = self.prepare_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         batch = x.shape[0]
         with self.plate(x, num_sequences):

@@ -172,7 +172,7 @@ class KVAE(DVAE):
               beta: float = 1.0) -> None:
         """p(x, a, z | u) = p(x | a) p(a) p(z | a) (6.7 written as 6.11 does): sites a_1 .. a_T,
         z_T .. z_1, then x_1 .. x_T (module docstring)."""
-        self.check_inputs(x, u, mask)
+        x, u = self.prepare_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         batch, T = x.shape[:2]
         with self.plate(x, num_sequences):
@@ -337,5 +337,5 @@ class LDSMarginalStep(TorchDistribution):
         loc, tril = m.step_params(self.t)
         lp = _mvn_log_prob_tril(value, loc, tril)
         if m.mask is not None:
-            lp = lp * m.mask[:, self.t].to(lp.dtype)
+            lp = torch.where(m.mask[:, self.t].bool(), lp, lp.new_zeros(()))
         return lp

@@ -67,7 +67,7 @@ class VRNN(DVAE):
 
     def model(self, x, u=None, mask=None, num_sequences=None, beta=1.0):
         """p(x, z | u) of (8.8); :meth:`DVAE.model` with the z sites visible to :meth:`states`."""
-        self.check_inputs(x, u, mask)
+        x, u = self.prepare_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         with self.plate(x, num_sequences):
             ctx = self.shared_context(x, u, mask, store=False)

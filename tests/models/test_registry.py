@@ -88,16 +88,31 @@ def test_generate_and_reconstruct_shapes(name, guide_name):
 
 @pytest.mark.parametrize("name,guide_name", PAIRS, ids=[f"{n}-{g}" for n, g in PAIRS])
 def test_padding_is_ignored(name, guide_name):
-    """The ELBO of a padded sequence does not depend on what the padded frames contain."""
+    """The ELBO of a padded sequence and its gradients do not depend on what the padded frames of
+    x (and u) contain, NaN and inf included (masks select, they do not multiply: issue 12 item
+    12)."""
     model, guide = pyro_dvae.build(name, guide=guide_name, x_dim=F, z_dim=Z)
+    params = list(model.parameters()) + list(guide.parameters())
     x, mask = _data()
-    x2 = x.clone()
-    x2[0, 4:] = 123.0
-    losses = []
-    for data in (x, x2):
+    results = []
+    for fill in (0.0, 123.0, float("nan"), float("inf"), -float("inf")):
+        data = x.clone()
+        data[0, 4:] = fill
+        data[0, 5, 1] = 0.5 if fill == 0 else fill  # not constant over the padding
         pyro.set_rng_seed(1)
-        losses.append(TraceMeanField_ELBO().loss(model.model, guide, data[:1], None, mask[:1]))
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        for p in params:
+            p.grad = None
+        loss = TraceMeanField_ELBO().differentiable_loss(model.model, guide, data, None, mask)
+        loss.backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        assert torch.isfinite(loss), f"padding {fill}: loss {loss}"
+        assert all(torch.isfinite(g).all() for g in grads), f"padding {fill}: non-finite grad"
+        results.append((fill, loss.detach(), grads))
+    _, loss0, grads0 = results[0]
+    for fill, loss, grads in results[1:]:
+        assert loss.item() == pytest.approx(loss0.item(), rel=1e-6), f"padding {fill}"
+        for g, g0 in zip(grads, grads0):
+            assert torch.allclose(g, g0, rtol=1e-5, atol=1e-7), f"padding {fill}"
 
 
 def test_build_errors():
