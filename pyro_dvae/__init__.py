@@ -17,11 +17,13 @@ _EXPORTS = {
     "Gaussian": "distributions",
     "Guide": "models",
     "ItakuraSaito": "distributions",
+    "NLLResult": "nll",
     "PosteriorReport": "structure",
     "REGISTRY": "registry",
     "TrainConfig": "train",
     "build": "registry",
     "check_posterior": "structure",
+    "evaluate_nll": "nll",
     "fit": "train",
     "load_run": "train",
     "register": "registry",
@@ -45,6 +47,7 @@ def __dir__():
 if TYPE_CHECKING:  # for static analysis and IDEs
     from .distributions import Gaussian, ItakuraSaito
     from .models import DVAE, Guide
+    from .nll import NLLResult, evaluate_nll
     from .registry import REGISTRY, build, register
     from .structure import PosteriorReport, check_posterior
     from .train import TrainConfig, fit, load_run

@@ -352,8 +352,25 @@ _CHECKPOINT_HELP = "run directory written by 'pyro-dvae fit' (config.json and be
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="weights to use")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def evaluate_cmd(run_dir, data, split, out, workers, which, progress):
-    """Resynthesise every utterance of a split and score it (RMSE, PESQ, STOI, SI-SDR; 13.2.3)."""
+@click.option("--nll", is_flag=True,
+              help="instead: the importance-weighted bound on the test log-likelihood (NLL per "
+                   "time step, Burda et al. 2016); JSON default RUN_DIR/nll_SPLIT.json")
+@click.option("--particles", "K", type=click.IntRange(min=1), default=100, show_default=True,
+              help="with --nll: guide samples K per sequence")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --nll: seed of the guide samples")
+@click.pass_context
+def evaluate_cmd(ctx, run_dir, data, split, out, workers, which, progress, nll, K, seed):
+    """Resynthesise every utterance of a split and score it (RMSE, PESQ, STOI, SI-SDR; 13.2.3),
+    or with --nll bound its log-likelihood with K guide samples per sequence."""
+    if nll:
+        if _explicit(ctx, "workers"):
+            raise click.ClickException("--workers is for the resynthesis metrics, not --nll")
+        return _evaluate_nll(run_dir, data, split, out, which, progress, K, seed)
+    for name in ("K", "seed"):
+        if _explicit(ctx, name):
+            flag = "--particles" if name == "K" else "--seed"
+            raise click.ClickException(f"{flag} needs --nll")
     from .speech import evaluate_run, format_table
 
     with speech_errors():
@@ -365,6 +382,29 @@ def evaluate_cmd(run_dir, data, split, out, workers, which, progress):
     click.echo("mean:\n" + format_table({label: result["summary"]}) + "\n")
     click.echo("median [95 % CI]:\n" + format_table({label: result["summary"]}, "median") + "\n")
     click.echo(f"per-file metrics and summary: {result['json']}, {result['csv']}")
+
+
+def _evaluate_nll(run_dir, data, split, out, which, progress, K, seed):
+    from .nll import evaluate_run_nll
+
+    with speech_errors():
+        try:
+            r = evaluate_run_nll(run_dir, data, split, K, out, which=which, seed=seed,
+                                 progress=progress)
+        except FloatingPointError as err:
+            raise click.ClickException(str(err)) from None
+    se = r["std_error_per_step"]
+    where = "the built-in corpus" if r["data"] is None else r["data"]
+    click.echo(f"{r['num_sequences']} sequences ({r['num_frames']} frames) of {split} in {where}, "
+               f"{which}.pt of {run_dir}, K = {K} guide samples per sequence")
+    click.echo(f"NLL per time step: {r['nll_per_step']:.4f}"
+               + ("" if se is None else f" ± {se:.4f}") + " nats (importance-weighted bound)")
+    click.echo(f"log p(x) per sequence >= {r['log_px_per_sequence']:.3f}"
+               + ("" if r["std_error_per_sequence"] is None
+                  else f" ± {r['std_error_per_sequence']:.3f}") + " nats")
+    click.echo(f"ELBO per time step: {r['elbo_per_step']:.4f} nats; median effective sample "
+               f"size {r['ess_median']:.1f} of {K}")
+    click.echo(f"per-sequence values: {r['json']}")
 
 
 @cli.command("resynth")
