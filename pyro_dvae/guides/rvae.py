@@ -12,8 +12,13 @@ and 1:T for the non-causal one; both guides have exactly this form (10.17).
   The forward and backward x LSTMs read one MLP(x_t, 256, Tanh) (a bidirectional LSTM, as in the
   authors' implementation).
 
-z_0 = 0 enters the z-LSTM through the same MLP.  :class:`RecurrentGuide` is the shared machinery,
-also used by STORN's structure-consistent guide (guides/storn.py).
+Conventions fixed to the authors' implementation (DVAE-speech), so that their trained weights map
+onto these layers by name: z_0 = 0 enters the z-LSTM through the same MLP (so g->^z_1 is the LSTM's
+first output on MLP(0) from a zero state, not zero), and e_z reads [g<-^x_t, g->^x_t, g->^z_t]: the
+x summaries first, backward before forward, then the z summary (the paper writes [g->_t, g<-_t]).
+
+:class:`RecurrentGuide` is the shared machinery, also used by STORN's structure-consistent guide
+(guides/storn.py).
 """
 
 from __future__ import annotations
@@ -46,13 +51,13 @@ class RecurrentGuide(Guide):
         self.head = GaussianHead(32, model.z_dim)
 
     def x_summary(self, x, u, mask) -> torch.Tensor:
-        """[g->^x_t, g<-^x_t] for all t, (batch, T, H * len(x_directions))."""
+        """[g<-^x_t, g->^x_t] (those of ``x_directions``) for all t, (batch, T, H * len(...))."""
         feat = self.x_features(x if u is None else torch.cat([x, u], -1))
         parts = []
-        if "forward" in self.x_directions:
-            parts.append(self.x_fwd(feat))
         if "backward" in self.x_directions:
             parts.append(self.x_bwd(feat, mask))
+        if "forward" in self.x_directions:
+            parts.append(self.x_fwd(feat))
         return torch.cat(parts, -1)
 
     def guide(self, x, u=None, mask=None):
@@ -62,7 +67,7 @@ class RecurrentGuide(Guide):
         def step(t, z_prev):
             nonlocal state
             gz, state = self.z_rnn.step(self.z_features(z_prev), state)   # g->^z_t(z_{1:t-1})
-            return self.head(self.combiner(torch.cat([gz, gx[:, t]], -1)))  # (10.21-10.22)
+            return self.head(self.combiner(torch.cat([gx[:, t], gz], -1)))  # (10.21-10.22)
 
         self.sample_chain("z", x, mask, step)
 

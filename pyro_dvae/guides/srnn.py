@@ -1,12 +1,13 @@
 """Guides of the SRNN (9.2).
 
 - ``smoothing`` (the paper's, 9.9-9.12): q(z_t | z_{t-1}, g<-_t) with g<-_t = e_g([h_t, x_t], g<-_{t+1}) a
-  backward LSTM over MLP([h_t, x_t], 256, Tanh), and e_z = MLP([z_{t-1}, g<-_t], 64, Tanh, 32, Tanh)
-  (13.1.5); equivalently q(z_t | z_{t-1}, x_{1:T}) (9.13), the form of the exact posterior (9.8).
+  backward LSTM over MLP([h_t, x_t], 256, Tanh), and e_z = MLP([g<-_t, z_{t-1}], 64, Tanh, 32, Tanh)
+  (13.1.5, in the authors' concatenation order: g first); equivalently q(z_t | z_{t-1}, x_{1:T}) (9.13), the form of the exact posterior (9.8).
 - ``filtering`` (end of 9.2): the "instantaneous" e_z(z_{t-1}, h_t, x_t), i.e. q(z_t | z_{t-1}, x_{1:t}),
-  here MLP([z_{t-1}, h_t, MLP(x_t, 256, Tanh)], 64, Tanh, 32, Tanh).
+  here MLP([h_t, MLP(x_t, 256, Tanh), z_{t-1}], 64, Tanh, 32, Tanh).
 
-Both use the model's h_t, computed once per sequence (shared with the model, 13.1.5).
+Both use the model's h_t, computed once per sequence (shared with the model, 13.1.5).  z_0 = 0 enters
+e_z raw (the authors' convention, see models/srnn.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class SRNNGuide(Guide):
         g = self.summary(x, h, mask)
 
         def step(t, z_prev):
-            return self.head(self.combiner(torch.cat([z_prev, g[:, t]], -1)))
+            return self.head(self.combiner(torch.cat([g[:, t], z_prev], -1)))
 
         self.sample_chain("z", x, mask, step)
 

@@ -7,7 +7,7 @@ The exact posterior is prod_t p(z_t | z_{1:t-1}, x_{1:T}) (7.12): D-separation r
   q(z_t | x_{1:t}).  It misses z_{1:t-1} and x_{t+1:T} (7.2, Fig. 7.2).
 - ``consistent``: q(z_t | z_{1:t-1}, x_{1:T}), the form of the exact posterior.  The same x features
   feed a forward and a backward LSTM, z_{1:t-1} enters through a forward LSTM over
-  MLP(z_{t-1}, 32, Tanh, 64, Tanh), and e_z = MLP([g^z_t, g->^x_t, g<-^x_t], 64, Tanh, 32, Tanh):
+  MLP(z_{t-1}, 32, Tanh, 64, Tanh), and e_z = MLP([g<-^x_t, g->^x_t, g^z_t], 64, Tanh, 32, Tanh):
   the architecture of the non-causal RVAE guide (10.24-10.28, 13.1.6), which has the same form.
 
 In driven mode the x features read [x_t, u_t].

@@ -2,7 +2,7 @@
 
 The exact posterior is prod_t p(z_t | z_{1:t-1}, x_{1:T}) (8.10).  Both guides share the model's
 state h_t(x_{1:t-1}, z_{1:t-1}) (8.13) and feature extractor phi_x, stepping the model's LSTM d_h
-frame by frame as they sample z_t.
+frame by frame as they sample z_t (h_1 = 0, the model's first-step convention).
 
 - ``filtering`` (the paper's, 8.11-8.14): e_z(phi_x(x_t), h_t) = MLP([phi_x(x_t), h_t], 128, Tanh,
   64, Tanh) and the linear Gaussian head (13.1.4): q(z_t | z_{1:t-1}, x_{1:t}), which misses
@@ -41,15 +41,17 @@ class VRNNGuide(Guide):
     def guide(self, x, u=None, mask=None):
         model = self.model
         ctx = model.shared_context(x, u, mask)
-        xp, x_in = self.x_part(ctx, mask), ctx["x_in"]
-        batch = x.shape[0]
+        xp, fx = self.x_part(ctx, mask), ctx["fx"]
         state, hs = None, []
 
         def step(t, z_prev):
             nonlocal state
-            fz = (x.new_zeros(batch, model.z_features.out_dim) if t == 0  # phi_z(z_0) -> 0
-                  else model.z_features(z_prev))
-            h, state = model.h_rnn.step(model.rnn_input(x_in[:, t], fz), state)   # (8.1)
+            if t == 0:
+                h = model.initial_state(x)                                        # h_1 = 0
+            else:  # h_t = d_h([phi_x(x_{t-1}), phi_z(z_{t-1}), u_t], h_{t-1})     (8.1)
+                inp = model.rnn_input(fx[:, t - 1], model.z_features(z_prev),
+                                      None if u is None else u[:, t])
+                h, state = model.h_rnn.step(inp, state)
             hs.append(h)
             return self.head(self.encoder(torch.cat([xp[:, t], h], -1)))         # (8.11-8.12)
 

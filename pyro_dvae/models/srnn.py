@@ -9,6 +9,15 @@ compact form: p(x, z) = prod_t p(x_t | x_{1:t-1}, z_t) p(z_t | z_{t-1}, x_{1:t-1
 Architecture (13.1.5): d_h is an LSTM (128) with input MLP(x_{t-1}, 256, Tanh);
 d_z = MLP([z_{t-1}, h_t], 64, Tanh, 32, Tanh); d_x = MLP([z_t, h_t], 256, Tanh); linear outputs.
 h_t depends on observed inputs only, so it is computed once per sequence and shared with the guide.
+
+Conventions the paper leaves open, fixed to the authors' implementation (DVAE-speech), so that
+their trained weights map onto these layers by name:
+
+- first step: x_0 = 0 (a zero frame) goes through the input MLP, so h_1 is the LSTM's first output
+  on MLP(0) from a zero state; z_0 = 0 enters d_z (and the guide's e_z) raw.
+- concatenation order: h (or the guide's g) first, [h_t, z_{t-1}] in d_z and [h_t, z_t] in d_x (the
+  paper writes [z_{t-1}, h_t] and [z_t, h_t]; the function is the same up to a column permutation).
+  In driven mode u_t is appended to the LSTM input: [MLP(x_{t-1}), u_t].
 """
 
 from __future__ import annotations
@@ -40,13 +49,13 @@ class SRNN(DVAE):
         self.x_out = nn.Linear(256, self.num_params)
 
     def context(self, x, u, mask):
-        inp = shift_right(self.x_features(x))
+        inp = self.x_features(shift_right(x))                    # MLP(x_{t-1}), x_0 = 0
         if u is not None:
             inp = torch.cat([inp, u], -1)
         return {"h": self.h_rnn(inp)}
 
     def prior(self, z, ctx, x, u):
-        return self.prior_head(self.prior_net(torch.cat([shift_right(z), ctx["h"]], -1)))
+        return self.prior_head(self.prior_net(torch.cat([ctx["h"], shift_right(z)], -1)))
 
     def emission(self, z, ctx, x, u):
-        return self.x_out(self.decoder(torch.cat([z, ctx["h"]], -1)))
+        return self.x_out(self.decoder(torch.cat([ctx["h"], z], -1)))

@@ -7,8 +7,15 @@ Generative model (7.4-7.7, compact form 7.10):
 so p(x, z) = prod_t p(x_t | x_{1:t-1}, z_{1:t}) p(z_t)   (7.10).
 
 Architecture (13.1.3): d_h is a forward LSTM (128) whose input is the concatenation of
-MLP(x_{t-1}, 256, Tanh) and MLP(z_t, 32, Tanh, 64, Tanh); d_x = MLP(h_t, 256, Tanh) followed by the
-linear output layer.  x_0 enters as a zero feature vector.
+MLP(z_t, 32, Tanh, 64, Tanh) and MLP(x_{t-1}, 256, Tanh); d_x = MLP(h_t, 256, Tanh) followed by the
+linear output layer.
+
+Conventions the paper leaves open, fixed to the authors' implementation (DVAE-speech), so that
+their trained weights map onto these layers by name:
+
+- first step: x_0 = 0 (a zero frame) goes through the x MLP, so the LSTM's first input holds
+  MLP(0) = tanh(bias) in its x slots (not a zero feature vector); the LSTM starts from a zero state.
+- concatenation order of the LSTM input: [MLP(z_t), MLP(x_{t-1})], then u_t in driven mode.
 
 The prior needs no network; once z_{1:T} is known, h_{1:T} is one LSTM call over the whole sequence,
 so the model is fully vectorised.  Guides (7.15-7.17 and a structure-consistent variant) are in
@@ -33,19 +40,19 @@ class STORN(DVAE):
     def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, hidden=128):
         super().__init__(x_dim, z_dim, likelihood, u_dim)
         self.hidden = hidden
-        #: feature extractors of d_h (13.1.3): MLP(x_{t-1}, 256, Tanh) and MLP(z_t, 32, Tanh, 64, Tanh)
-        self.x_features = MLP(x_dim, 256, "tanh")
+        #: feature extractors of d_h (13.1.3): MLP(z_t, 32, Tanh, 64, Tanh) and MLP(x_{t-1}, 256, Tanh)
         self.z_features = MLP(z_dim, 32, "tanh", 64, "tanh")
-        #: d_h (7.4): forward LSTM over [x features, (u_t), z features]
-        self.h_rnn = RNN(256 + u_dim + 64, hidden)
+        self.x_features = MLP(x_dim, 256, "tanh")
+        #: d_h (7.4): forward LSTM over [z features, x features, (u_t)]
+        self.h_rnn = RNN(64 + 256 + u_dim, hidden)
         #: parameterises p(x_t | h_t) (7.5-7.6)
         self.decoder = MLP(hidden, 256, "tanh")
         self.x_out = nn.Linear(256, self.num_params)
 
     def states(self, z, x, u=None):
         """h_t = d_h(x_{t-1}, z_t, h_{t-1}) for all t (7.4), (batch, T, hidden)."""
-        x_in = shift_right(self.x_features(x))                  # features of x_{t-1}, x_0 -> 0
-        parts = [x_in] + ([] if u is None else [u]) + [self.z_features(z)]
+        x_in = self.x_features(shift_right(x))                  # MLP(x_{t-1}), x_0 = 0
+        parts = [self.z_features(z), x_in] + ([] if u is None else [u])
         return self.h_rnn(torch.cat(parts, -1))
 
     def emission(self, z, ctx, x, u):

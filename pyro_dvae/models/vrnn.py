@@ -8,8 +8,19 @@ so p(x, z) = prod_t p(x_t | x_{1:t-1}, z_{1:t}) p(z_t | x_{1:t-1}, z_{1:t-1})   
 
 Architecture (13.1.4): phi_x = MLP(x_t, 256, Tanh), phi_z = MLP(z_t, 32, Tanh, 64, Tanh); d_h is an
 LSTM (128) with input [phi_x(x_{t-1}), phi_z(z_{t-1})]; d_z = MLP(h_t, 64, Tanh, 32, Tanh) and
-d_x = MLP([phi_z(z_t), h_t], 256, Tanh), each followed by its linear output layer.  x_0 and z_0 enter
-as zero feature vectors.
+d_x = MLP([phi_z(z_t), h_t], 256, Tanh), each followed by its linear output layer.
+
+Conventions the paper leaves open, fixed to the authors' implementation (DVAE-speech), so that
+their trained weights map onto these layers by name:
+
+- first step: h_1 = 0 (the LSTM's zero initial state): the prior, the decoder and the guide at t = 1
+  see h = 0, so p(z_1) is the prior network applied to h = 0 (a learned Gaussian, not N(0, I)).
+  There is no x_0 or z_0: the first LSTM step consumes [phi_x(x_1), phi_z(z_1)] and gives h_2.
+- concatenation orders: [phi_x(x_{t-1}), phi_z(z_{t-1})] into d_h, [phi_z(z_t), h_t] into d_x and
+  [phi_x(x_t), h_t] into the guide's e_z.
+- driven mode: u_t is appended to the input of the LSTM step that gives h_t,
+  [phi_x(x_{t-1}), phi_z(z_{t-1}), u_t]; since h_1 = 0 is no LSTM output, u_1 does not enter the
+  model (u_t acts from h_t on, t >= 2).
 
 The state h_t is shared by the model and its guide (8.13): the guide steps ``h_rnn`` frame by frame
 (it needs z_{t-1} before it can build h_t) and hands h_{1:T} to the model, which uses it for the
@@ -24,7 +35,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..nn import MLP, RNN, GaussianHead, shift_right
+from ..nn import MLP, RNN, GaussianHead
 from .base import DVAE, kl_weight
 
 
@@ -40,8 +51,8 @@ class VRNN(DVAE):
         #: feature extractors phi_x, phi_z (13.1.4), shared with the guide
         self.x_features = MLP(x_dim, 256, "tanh")
         self.z_features = MLP(z_dim, 32, "tanh", 64, "tanh")
-        #: d_h (8.1): LSTM over [phi_x(x_{t-1}), (u_t), phi_z(z_{t-1})]
-        self.h_rnn = RNN(256 + u_dim + 64, hidden)
+        #: d_h (8.1): LSTM over [phi_x(x_{t-1}), phi_z(z_{t-1}), (u_t)], giving h_t for t >= 2
+        self.h_rnn = RNN(256 + 64 + u_dim, hidden)
         #: parameterises p(z_t | h_t) (8.4-8.5)
         self.prior_net = MLP(hidden, 64, "tanh", 32, "tanh")
         self.prior_head = GaussianHead(32, z_dim)
@@ -57,13 +68,16 @@ class VRNN(DVAE):
         return state
 
     def context(self, x, u, mask):
-        fx = self.x_features(x)
-        x_in = shift_right(fx)                                    # phi_x(x_{t-1}), phi_x(x_0) -> 0
-        return {"fx": fx, "x_in": x_in if u is None else torch.cat([x_in, u], -1)}
+        return {"fx": self.x_features(x), "u": u}
 
-    def rnn_input(self, x_in_t: torch.Tensor, z_prev_features: torch.Tensor) -> torch.Tensor:
-        """Input of d_h at one step: [phi_x(x_{t-1}), (u_t), phi_z(z_{t-1})]."""
-        return torch.cat([x_in_t, z_prev_features], -1)
+    def rnn_input(self, fx: torch.Tensor, fz: torch.Tensor, u_next=None) -> torch.Tensor:
+        """Input of the d_h step that gives h_{t+1}: [phi_x(x_t), phi_z(z_t), (u_{t+1})]; works on
+        one step (batch, .) and on stacked steps (batch, T, .) alike."""
+        return torch.cat([fx, fz] + ([] if u_next is None else [u_next]), -1)
+
+    def initial_state(self, like: torch.Tensor) -> torch.Tensor:
+        """h_1 = 0, (batch, hidden) (the authors' convention, module docstring)."""
+        return like.new_zeros(like.shape[0], self.hidden)
 
     def model(self, x, u=None, mask=None, num_sequences=None, beta=1.0):
         """p(x, z | u) of (8.8); :meth:`DVAE.model` with the z sites visible to :meth:`states`."""
@@ -101,7 +115,14 @@ class VRNN(DVAE):
         fz = self.z_features(z)
         h = self._states_from_guide(z, ctx)
         if h is None:
-            h = self.h_rnn(self.rnn_input(ctx["x_in"], shift_right(fz)))
+            h1 = self.initial_state(z).unsqueeze(1)
+            if z.shape[1] == 1:
+                h = h1
+            else:  # h_{t+1} = d_h([phi_x(x_t), phi_z(z_t), u_{t+1}], h_t) for t = 1..T-1
+                u = ctx.get("u")
+                inp = self.rnn_input(ctx["fx"][:, :-1], fz[:, :-1],
+                                     None if u is None else u[:, 1:])
+                h = torch.cat([h1, self.h_rnn(inp)], 1)
         self._state_cache = (z, ctx, (h, fz))
         return h, fz
 
