@@ -306,6 +306,10 @@ def evaluate_nll(model: Callable, guide: Callable, data: Union[torch.Tensor, Any
     if chunk_frames < 1:
         raise ValueError(f"evaluate_nll: chunk_frames must be >= 1, got {chunk_frames}")
     xs, masks, us, frames = _as_sequences(data, mask, u, by_length)
+    likelihood = getattr(_module_of(model), "likelihood", None)
+    if hasattr(likelihood, "check_data"):  # the real frames lie in the likelihood's support
+        real = [x if m is None else x[m] for x, m in zip(xs, masks)]
+        likelihood.check_data(torch.cat(real, 0), "evaluate_nll: the data")
     modules = [m for m in map(_module_of, (model, guide)) if m is not None]
     params = [p for m in modules for p in m.parameters()]
     device = params[0].device if params else xs[0].device

@@ -16,6 +16,7 @@ from pyro.infer import Trace_ELBO
 import pyro_dvae
 from pyro_dvae import DVAE, Guide, evaluate_nll
 from pyro_dvae.cli import cli
+from pyro_dvae.distributions import LIKELIHOODS
 from pyro_dvae.nn import GaussianHead, shift_right
 from pyro_dvae.registry import REGISTRY
 
@@ -32,12 +33,16 @@ def _padded():
     return x, mask
 
 
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 @pytest.mark.parametrize("name,guide_name", PAIRS, ids=IDS)
-def test_one_particle_is_the_trace_elbo_sample(name, guide_name):
+def test_one_particle_is_the_trace_elbo_sample(name, guide_name, likelihood):
     """L_1 is log p(x, z) - log q(z | x) of one guide draw: with the same random numbers, exactly
-    the negative Trace_ELBO loss, summed over the batch."""
-    model, guide = pyro_dvae.build(name, guide=guide_name, x_dim=F, z_dim=Z)
+    the negative Trace_ELBO loss, summed over the batch (every pair, every likelihood)."""
+    model, guide = pyro_dvae.build(name, guide=guide_name, x_dim=F, z_dim=Z,
+                                   likelihood=likelihood)
     x = torch.rand(B, T, F) + 0.05
+    if likelihood == "bernoulli":
+        x = (x > 0.5).float()
     result = evaluate_nll(model, guide, x, K=1, seed=7)
     torch.manual_seed(7)
     model.eval(), guide.eval()
@@ -168,6 +173,15 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="not a prefix"):
         evaluate_nll(model, guide, x, K=2, mask=holes)
     assert evaluate_nll(model, guide, x, K=2, mask=holes, by_length=False).num_frames == 14
+    bad = x.clone()
+    bad[0, 5, 0] = float("nan")  # in the padding: ignored
+    assert math.isfinite(evaluate_nll(model, guide, bad, K=2, mask=mask).total)
+    bad[1, 0, 0] = float("nan")  # in a real frame: refused
+    with pytest.raises(ValueError, match="the data holds 1 NaN or infinite values"):
+        evaluate_nll(model, guide, bad, K=2, mask=mask)
+    binary, binary_guide = pyro_dvae.build("vae", x_dim=F, z_dim=Z, likelihood="bernoulli")
+    with pytest.raises(ValueError, match="evaluate_nll: the data .*bernoulli"):
+        evaluate_nll(binary, binary_guide, x, K=2)
     empty = mask.clone()
     empty[1] = False
     with pytest.raises(ValueError, match="sequence 1 has no real frame"):
