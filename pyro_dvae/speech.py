@@ -48,7 +48,9 @@ PathLike = Union[str, os.PathLike]
 #: a reconstruction: power spectrogram (batch, T, F) -> power spectrogram (batch, T, F)
 Reconstructor = Callable[[torch.Tensor], torch.Tensor]
 
-#: Table 13.1 of the paper (WSJ0; the PESQ column's mode is not stated there)
+#: Table 13.1 of the paper (WSJ0).  Its PESQ is the raw P.862 narrowband score on the 16 kHz
+#: signals (the authors' pypesq; our ``pesq_paper``), its RMSE the authors' least-squares-gain
+#: variant (our ``rmse_paper``)
 PAPER_TABLE = {
     "vae": {"label": "VAE", "rmse": 0.0510, "pesq": 2.05, "stoi": 0.86},
     "dkf": {"label": "DKF", "rmse": 0.0344, "pesq": 3.30, "stoi": 0.94},
@@ -306,8 +308,10 @@ def resynth_file(model, guide, in_path: PathLike, out_path: PathLike,
 
 # ---- test-set evaluation (13.2.2-13.2.3) --------------------------------------------------------
 def _score(name: str, reference: np.ndarray, estimate: np.ndarray, metrics: Sequence[str]) -> dict:
-    values = M.compute_metrics(reference, estimate, SAMPLE_RATE, metrics)
-    return {"file": name, **values}
+    reasons: dict = {}
+    values = M.compute_metrics(reference, estimate, SAMPLE_RATE, metrics, reasons)
+    notes = "; ".join(f"{m}: {why}" for m, why in reasons.items())
+    return {"file": name, **values, "notes": notes}
 
 
 def evaluate(reconstruct: Reconstructor, utterances: Iterable, workers: int = 0,
@@ -317,9 +321,10 @@ def evaluate(reconstruct: Reconstructor, utterances: Iterable, workers: int = 0,
     ``utterances``: objects with ``name`` and ``wave`` (16 kHz, silence already trimmed, as
     :func:`pyro_dvae.data.datasets.load_utterances` gives them).  The model runs in this process;
     with ``workers`` > 0 the metrics (PESQ and STOI dominate) run in that many worker processes.
-    Returns ``{"per_file": [{file, seconds, frames, metric: value, ...}], "summary": {metric:
-    summary}, "seconds_resynthesis": ..., "seconds_total": ...}``; a metric that is undefined on a
-    file (STOI of fewer than 30 speech frames, PESQ without an utterance) is NaN there and skipped
+    Returns ``{"per_file": [{file, seconds, frames, metric: value, ..., notes}], "summary":
+    {metric: summary}, "seconds_resynthesis": ..., "seconds_total": ...}``; a metric that is
+    undefined on a file (STOI of fewer than 30 speech frames, PESQ without an utterance or where
+    the pesq library crashes) is NaN there, with the reason in the file's ``notes``, and skipped
     in the summary (``n_skipped``).
     """
     from tqdm import tqdm
@@ -361,7 +366,7 @@ def evaluate(reconstruct: Reconstructor, utterances: Iterable, workers: int = 0,
     rows = []
     for meta, scores in zip(info, jobs):
         assert meta["file"] == scores["file"]
-        rows.append({**meta, **{m: scores[m] for m in metrics}})
+        rows.append({**meta, **{m: scores[m] for m in metrics}, "notes": scores["notes"]})
     return {"per_file": rows, "summary": M.summarize_table(rows, metrics),
             "seconds_resynthesis": t_model, "seconds_total": time.perf_counter() - start}
 
@@ -440,8 +445,10 @@ def evaluate_run(run_dir: PathLike, data: Optional[PathLike] = None, split: str 
 
 
 # ---- Table 13.1 ----------------------------------------------------------------------------------
-TABLE_COLUMNS = ("rmse", "pesq_wb", "pesq_nb", "stoi", "estoi", "si_sdr")
-_DIGITS = {"rmse": 4, "pesq_wb": 2, "pesq_nb": 2, "stoi": 3, "estoi": 3, "si_sdr": 1}
+TABLE_COLUMNS = ("rmse", "rmse_paper", "pesq_wb", "pesq_nb", "pesq_paper", "stoi", "estoi",
+                 "si_sdr")
+_DIGITS = {"rmse": 4, "rmse_paper": 4, "pesq_wb": 2, "pesq_nb": 2, "pesq_paper": 2, "stoi": 3,
+           "estoi": 3, "si_sdr": 1}
 
 
 def _cell(summary: Mapping, metric: str, stat: str) -> str:
@@ -462,8 +469,9 @@ def _cell(summary: Mapping, metric: str, stat: str) -> str:
 def format_table(summaries: Mapping[str, Mapping], stat: str = "mean",
                  columns: Sequence[str] = TABLE_COLUMNS, extra: Optional[Mapping] = None) -> str:
     """A markdown table shaped like Table 13.1: one row per model (``{label: summary}``), columns
-    RMSE, PESQ-WB, PESQ-NB, STOI, ESTOI, SI-SDR; ``stat`` "mean" or "median" (with its 95 %
-    confidence interval).  ``extra``: ``{column title: {label: text}}`` appended columns."""
+    RMSE, RMSE-paper, PESQ-WB, PESQ-NB, PESQ-paper, STOI, ESTOI, SI-SDR; ``stat`` "mean" or
+    "median" (with its 95 % confidence interval).  ``extra``: ``{column title: {label: text}}``
+    appended columns."""
     extra = dict(extra or {})
     head = ["model"] + [M.METRICS[c][0] for c in columns] + list(extra)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -475,9 +483,10 @@ def format_table(summaries: Mapping[str, Mapping], stat: str = "mean",
 
 
 def format_paper_table(names: Optional[Sequence[str]] = None) -> str:
-    """Table 13.1 of the paper (WSJ0), for reference beside ours."""
+    """Table 13.1 of the paper (WSJ0), for reference beside ours (its columns are on the scales
+    of our RMSE-paper, PESQ-paper and STOI)."""
     names = list(PAPER_TABLE) if names is None else [n for n in names if n in PAPER_TABLE]
-    lines = ["| model (paper, WSJ0) | RMSE | PESQ | STOI |", "|---|---|---|---|"]
+    lines = ["| model (paper, WSJ0) | RMSE-paper | PESQ-paper | STOI |", "|---|---|---|---|"]
     for n in names:
         p = PAPER_TABLE[n]
         lines.append(f"| {p['label']} | {p['rmse']:.4f} | {p['pesq']:.2f} | {p['stoi']:.2f} |")

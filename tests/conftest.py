@@ -27,3 +27,20 @@ def fresh_pyro():
     torch.set_num_threads(1)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def bursts():
+    """``bursts(seconds)``: a speech-like 16 kHz test signal, one 0.6 s harmonic burst (150 Hz
+    voice) per second with silence in between, so that PESQ finds one utterance per second (the
+    pesq library crashes once there are more than its fixed-size tables hold)."""
+    import numpy as np
+
+    def make(seconds: float, seed: int = 0) -> np.ndarray:
+        sr = 16000
+        t = np.arange(int(seconds * sr)) / sr
+        envelope = np.sin(np.pi * (t % 1.0) / 0.6) ** 2 * ((t % 1.0) < 0.6)
+        x = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 20)) * envelope
+        return x + 1e-4 * np.random.default_rng(seed).standard_normal(t.size)
+
+    return make

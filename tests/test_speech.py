@@ -141,8 +141,10 @@ def test_evaluate_identity_gives_each_maximum_and_writes_json_csv(utterances, tm
 
     text = S.format_table({"identity": summary})
     head, rule, line = text.splitlines()
-    assert head == "| model | RMSE | PESQ-WB | PESQ-NB | STOI | ESTOI | SI-SDR (dB) |"
-    assert line.startswith("| identity | 0.0000 | 4.64 | 4.55 | 1.000 | 1.000 |")
+    assert head == ("| model | RMSE | RMSE-paper | PESQ-WB | PESQ-NB | PESQ-paper | STOI | ESTOI "
+                    "| SI-SDR (dB) |")
+    # PESQ-paper is the raw P.862 score: 4.5 for a perfect copy
+    assert line.startswith("| identity | 0.0000 | 0.0000 | 4.64 | 4.55 | 4.50 | 1.000 | 1.000 |")
 
 
 def test_evaluate_flags_too_short_files_and_uses_workers(utterances):
@@ -155,10 +157,31 @@ def test_evaluate_flags_too_short_files_and_uses_workers(utterances):
     parallel = S.evaluate(S.identity_reconstructor, items, workers=2, progress=False)
     assert math.isnan(serial["per_file"][1]["stoi"])
     assert serial["summary"]["stoi"]["n"] == 1 and serial["summary"]["stoi"]["n_skipped"] == 1
+    assert serial["per_file"][0]["notes"] == ""
+    assert "stoi: fewer than 30 frames of speech" in serial["per_file"][1]["notes"]
     for a, b in zip(serial["per_file"], parallel["per_file"]):
         assert a.keys() == b.keys()
         for k in a:
             assert (a[k] == b[k]) or (math.isnan(a[k]) and math.isnan(b[k]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluate_survives_a_pesq_crash_on_a_long_file(utterances, workers, bursts):
+    """Issue 12.1: a long file used to kill evaluate with SIGSEGV (or, with workers, break the
+    process pool).  Now its PESQ is NaN with the reason, everything else is scored."""
+    class Long:
+        name = "long"
+        wave = bursts(70.0).astype(np.float32)
+
+    result = S.evaluate(S.identity_reconstructor, [Long(), utterances[0]], workers=workers,
+                        progress=False)
+    long, normal = result["per_file"]
+    assert math.isnan(long["pesq_paper"]) and "pesq_paper: the pesq library crashed" in \
+        long["notes"]
+    assert long["rmse"] < 1e-4 and long["stoi"] == pytest.approx(1.0, abs=1e-6)
+    assert normal["pesq_paper"] == pytest.approx(4.5, abs=1e-5) and normal["notes"] == ""
+    assert result["summary"]["pesq_paper"]["n_skipped"] == 1
 
 
 def test_write_results_encodes_non_finite_values(tmp_path):
@@ -220,7 +243,8 @@ def test_cli_evaluate_writes_results_and_prints_the_table(run_dir, tmp_path):
     out = tmp_path / "eval" / "srnn.json"
     result = invoke("evaluate", "--checkpoint", run_dir, "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "| model | RMSE | PESQ-WB | PESQ-NB | STOI | ESTOI | SI-SDR (dB) |" in result.output
+    assert ("| model | RMSE | RMSE-paper | PESQ-WB | PESQ-NB | PESQ-paper | STOI | ESTOI "
+            "| SI-SDR (dB) |") in result.output
     assert "| srnn (smoothing) |" in result.output
     data = json.loads(out.read_text())
     names = [u.name for u in load_utterances(None, "test")]
