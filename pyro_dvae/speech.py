@@ -91,13 +91,29 @@ class Resynthesis:
     original: np.ndarray
 
 
-def resynthesize(reconstruct: Reconstructor, wave: np.ndarray) -> Resynthesis:
+#: how many STFT frames analyse a signal of L samples, and how many samples come back
+FRAMINGS = ("all", "reference")
+
+
+def resynthesize(reconstruct: Reconstructor, wave: np.ndarray,
+                 frames: str = "all") -> Resynthesis:
     """Analysis-resynthesis of one waveform (L,) at 16 kHz through ``reconstruct``.
 
     The waveform is divided by its peak, analysed (power and phase), the power reconstructed, then
-    ``sqrt(power_hat) exp(i phase)`` inverted (weighted overlap-add) to L samples and multiplied by
-    the peak again.  Raises ``ValueError`` for an empty or all-zero waveform.
+    ``sqrt(power_hat) exp(i phase)`` inverted (weighted overlap-add) and multiplied by the peak
+    again.  ``frames``:
+
+    - ``"all"``: 1 + ceil(L / 256) frames (:mod:`pyro_dvae.data.stft`), and all L samples back;
+    - ``"reference"``: the reference implementation's framing, 1 + floor(L / 256) frames (the same
+      frames without our last one, which covers the L mod 256 samples past the last full hop),
+      and 256 floor(L / 256) samples back, the length of its inverse STFT.  ``original`` is then
+      the input cut to that length, the signal the reference scores against.  A signal shorter
+      than one hop has no such frames and is handled as with ``"all"``.
+
+    Raises ``ValueError`` for an empty or all-zero waveform.
     """
+    if frames not in FRAMINGS:
+        raise ValueError(f"frames must be one of {', '.join(FRAMINGS)}, got {frames!r}")
     wave = np.asarray(wave)
     if wave.ndim != 1 or wave.size == 0:
         raise ValueError(f"resynthesis needs a non-empty mono waveform, got shape {wave.shape}")
@@ -105,7 +121,11 @@ def resynthesize(reconstruct: Reconstructor, wave: np.ndarray) -> Resynthesis:
     if not math.isfinite(peak) or peak == 0:
         raise ValueError("resynthesis needs a waveform that is finite and not all zeros")
     power, phase = power_spectrogram(wave.astype(np.float64) / peak)
-    x = torch.from_numpy(power)[None]
+    length = wave.size
+    if frames == "reference" and wave.size >= HOP:
+        length = HOP * (wave.size // HOP)
+        power, phase = power[:num_frames(length)], phase[:num_frames(length)]
+    x = torch.from_numpy(np.ascontiguousarray(power))[None]
     with torch.no_grad():
         recon = reconstruct(x)
     recon = recon.detach().cpu()
@@ -116,8 +136,9 @@ def resynthesize(reconstruct: Reconstructor, wave: np.ndarray) -> Resynthesis:
         raise ValueError("the model's reconstruction holds NaN or infinite values")
     recon = recon[0].to(torch.float64).numpy()
     spec = spectrogram_from(recon, phase.astype(np.float64))
-    out = istft(spec, wave.size) * peak
-    return Resynthesis(out.astype(np.float32), power, recon.astype(np.float32), wave)
+    out = istft(spec, length) * peak
+    return Resynthesis(out.astype(np.float32), np.ascontiguousarray(power),
+                       recon.astype(np.float32), wave[:length])
 
 
 # ---- Griffin-Lim and generation -----------------------------------------------------------------
@@ -315,17 +336,20 @@ def _score(name: str, reference: np.ndarray, estimate: np.ndarray, metrics: Sequ
 
 
 def evaluate(reconstruct: Reconstructor, utterances: Iterable, workers: int = 0,
-             progress: bool = True, metrics: Sequence[str] = tuple(M.METRICS)) -> dict:
+             progress: bool = True, metrics: Sequence[str] = tuple(M.METRICS),
+             frames: str = "reference") -> dict:
     """Resynthesise every utterance whole and score it against the original.
 
     ``utterances``: objects with ``name`` and ``wave`` (16 kHz, silence already trimmed, as
-    :func:`pyro_dvae.data.datasets.load_utterances` gives them).  The model runs in this process;
-    with ``workers`` > 0 the metrics (PESQ and STOI dominate) run in that many worker processes.
-    Returns ``{"per_file": [{file, seconds, frames, metric: value, ..., notes}], "summary":
-    {metric: summary}, "seconds_resynthesis": ..., "seconds_total": ...}``; a metric that is
-    undefined on a file (STOI of fewer than 30 speech frames, PESQ without an utterance or where
-    the pesq library crashes) is NaN there, with the reason in the file's ``notes``, and skipped
-    in the summary (``n_skipped``).
+    :func:`pyro_dvae.data.datasets.load_utterances` gives them).  ``frames``: the framing of
+    :func:`resynthesize`; by default the reference implementation's, so that its models are scored
+    on the signals it scored (``"all"`` scores every sample).  The model runs in this process; with
+    ``workers`` > 0 the metrics (PESQ and STOI dominate) run in that many worker processes.
+    Returns ``{"framing": frames, "per_file": [{file, seconds (the length scored), frames,
+    metric: value, ..., notes}], "summary": {metric: summary}, "seconds_resynthesis": ...,
+    "seconds_total": ...}``; a metric that is undefined on a file (STOI of fewer than 30 speech
+    frames, PESQ without an utterance or where the pesq library crashes) is NaN there, with the
+    reason in the file's ``notes``, and skipped in the summary (``n_skipped``).
     """
     from tqdm import tqdm
 
@@ -348,14 +372,14 @@ def evaluate(reconstruct: Reconstructor, utterances: Iterable, workers: int = 0,
         for utt in bar:
             wave = np.asarray(utt.wave, dtype=np.float32)
             t0 = time.perf_counter()
-            est = resynthesize(reconstruct, wave).wave
+            res = resynthesize(reconstruct, wave, frames)
             t_model += time.perf_counter() - t0
-            info.append({"file": utt.name, "seconds": wave.size / SAMPLE_RATE,
-                         "frames": num_frames(wave.size)})
+            info.append({"file": utt.name, "seconds": res.original.size / SAMPLE_RATE,
+                         "frames": res.power.shape[0]})
             if pool is None:
-                jobs.append(_score(utt.name, wave, est, metrics))
+                jobs.append(_score(utt.name, res.original, res.wave, metrics))
             else:
-                jobs.append(pool.submit(_score, utt.name, wave, est, metrics))
+                jobs.append(pool.submit(_score, utt.name, res.original, res.wave, metrics))
         if pool is not None:
             bar = tqdm(jobs, desc="metrics", unit="file", disable=not progress,
                        dynamic_ncols=True)
@@ -367,7 +391,7 @@ def evaluate(reconstruct: Reconstructor, utterances: Iterable, workers: int = 0,
     for meta, scores in zip(info, jobs):
         assert meta["file"] == scores["file"]
         rows.append({**meta, **{m: scores[m] for m in metrics}, "notes": scores["notes"]})
-    return {"per_file": rows, "summary": M.summarize_table(rows, metrics),
+    return {"framing": frames, "per_file": rows, "summary": M.summarize_table(rows, metrics),
             "seconds_resynthesis": t_model, "seconds_total": time.perf_counter() - start}
 
 
@@ -414,11 +438,12 @@ def write_results(result: dict, json_path: PathLike, csv_path: Optional[PathLike
 
 def evaluate_run(run_dir: PathLike, data: Optional[PathLike] = None, split: str = "test",
                  out: Optional[PathLike] = None, workers: int = 0, progress: bool = True,
-                 which: str = "best") -> dict:
+                 which: str = "best", frames: str = "reference") -> dict:
     """``pyro-dvae evaluate``: load a run, resynthesise and score every utterance of ``split`` of
     ``data`` (default: the data the run was trained on, recorded in its config.json; ``None``
     there means the built-in corpus), write JSON and CSV (default ``RUN_DIR/eval_<split>.json``).
-    Returns the result dict with ``json`` and ``csv`` paths added."""
+    ``frames``: see :func:`evaluate`.  Returns the result dict with ``json`` and ``csv`` paths
+    added."""
     from .data.datasets import load_utterances
     from .train import load_run
 
@@ -433,7 +458,7 @@ def evaluate_run(run_dir: PathLike, data: Optional[PathLike] = None, split: str 
     for message in skipped:  # unreadable or silent files: named, and recorded in the result
         warnings.warn(message, stacklevel=2)
     result = evaluate(model_reconstructor(model, guide), utterances, workers=workers,
-                      progress=progress)
+                      progress=progress, frames=frames)
     result = {"run": str(run_dir), "model": config.get("model"), "guide": config.get("guide"),
               "checkpoint": f"{which}.pt", "data": None if data is None else str(data),
               "split": split, "n_files": len(result["per_file"]), "skipped_files": skipped,

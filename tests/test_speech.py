@@ -46,6 +46,36 @@ def test_identity_resynthesis_at_any_length(length):
     assert M.rmse(wave, out.wave) < 1e-4
 
 
+@pytest.mark.parametrize("length", [255, 300, 512, 1000, 16001, 16384])
+def test_reference_framing_drops_the_partial_last_frame(length):
+    """Issue 10.5: the reference analyses L samples with 1 + floor(L / 256) frames, the same as our
+    first frames (our extension and its centring reflect alike), and returns 256 floor(L / 256)
+    samples."""
+    rng = np.random.default_rng(length)
+    wave = rng.standard_normal(length).astype(np.float32) * 0.1
+    ours = S.resynthesize(S.identity_reconstructor, wave)
+    ref = S.resynthesize(S.identity_reconstructor, wave, frames="reference")
+    keep = 256 * (length // 256) or length  # a signal shorter than a hop stays whole
+    assert ref.wave.shape == ref.original.shape == (keep,)
+    np.testing.assert_array_equal(ref.original, wave[:keep])
+    assert ref.power.shape[0] == (1 + length // 256 if length >= 256 else ours.power.shape[0])
+    np.testing.assert_array_equal(ref.power, ours.power[:ref.power.shape[0]])
+    assert M.rmse(ref.original, ref.wave) < 1e-4
+    # the reference's frames from an independent STFT (numpy, float64) of the peak-normalised
+    # signal: centred frames, the signal extended by numpy "reflect" by 256 at both ends, the
+    # sine window
+    if length >= 256:
+        padded = np.pad(wave.astype(np.float64) / np.abs(wave).max(), 256, mode="reflect")
+        window = np.sin(np.pi * (np.arange(512) + 0.5) / 512)
+        frames = np.lib.stride_tricks.sliding_window_view(padded, 512)[::256] * window
+        power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
+        assert power.shape == ref.power.shape
+        np.testing.assert_allclose(ref.power, np.maximum(power, 1e-10), rtol=1e-5,
+                                   atol=1e-5 * power.max())
+    with pytest.raises(ValueError, match="frames must be"):
+        S.resynthesize(S.identity_reconstructor, wave, frames="last")
+
+
 def test_resynthesis_uses_model_power_and_input_phase(utterances):
     wave = utterances[0].wave
     # halving the power everywhere must scale the waveform by 1/sqrt(2) (same phase, linear istft)
@@ -120,9 +150,11 @@ def test_evaluate_identity_gives_each_maximum_and_writes_json_csv(utterances, tm
     result = S.evaluate(S.identity_reconstructor, utterances, progress=False)
     rows = result["per_file"]
     assert [r["file"] for r in rows] == [u.name for u in utterances]
+    assert result["framing"] == "reference"
     for r, u in zip(rows, utterances):
-        assert r["seconds"] == pytest.approx(u.wave.size / SAMPLE_RATE)
-        assert r["frames"] == u.num_frames
+        # the reference's framing: the samples up to the last full hop, 1 + floor(L / 256) frames
+        assert r["seconds"] == pytest.approx(256 * (u.wave.size // 256) / SAMPLE_RATE)
+        assert r["frames"] == 1 + u.wave.size // 256
         assert r["rmse"] < 1e-4 and r["si_sdr"] > 60
         assert r["pesq_wb"] == pytest.approx(4.644, abs=2e-3)
         assert r["stoi"] == pytest.approx(1.0, abs=1e-6)

@@ -63,7 +63,8 @@ PathLike = str | os.PathLike
 SPLITS = ("train", "val", "test")
 WSJ0_FOLDERS = {"train": "si_tr_s", "val": "si_dt_05", "test": "si_et_05"}
 MIN_FRAMES = 16
-FEATURE_VERSION = 1
+#: part of the cache key; 2: silence trimmed with reflection padding (as the reference's librosa)
+FEATURE_VERSION = 2
 _SPHERE_EXTENSIONS = (".wv1", ".wv2", ".sph")
 
 __all__ = [
