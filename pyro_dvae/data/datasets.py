@@ -38,15 +38,14 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-
 from . import corpus
+from .arrays import is_array_file, load_array_splits
 from .audio import (
     AUDIO_EXTENSIONS,
     SILENCE_FLOOR_DB,
@@ -56,13 +55,13 @@ from .audio import (
     peak_normalize,
     trim_silence,
 )
+from .sequences import MIN_FRAMES, DataError, SequenceDataset, make_sequences
 from .stft import HOP, N_FFT, N_FREQ, POWER_FLOOR, SAMPLE_RATE, power_spectrogram
 
 PathLike = str | os.PathLike
 
 SPLITS = ("train", "val", "test")
 WSJ0_FOLDERS = {"train": "si_tr_s", "val": "si_dt_05", "test": "si_et_05"}
-MIN_FRAMES = 16
 #: part of the cache key; 2: silence trimmed with reflection padding (as the reference's librosa)
 FEATURE_VERSION = 2
 _SPHERE_EXTENSIONS = (".wv1", ".wv2", ".sph")
@@ -81,10 +80,6 @@ __all__ = [
     "make_sequences",
     "split_folder",
 ]
-
-
-class DataError(ValueError):
-    """A data folder that cannot give a data set (one-line message, for the CLI)."""
 
 
 @dataclass
@@ -108,53 +103,6 @@ class Utterance:
     @property
     def sample_rate(self) -> int:
         return SAMPLE_RATE
-
-
-class SequenceDataset(Dataset):
-    """Fixed-length training sequences: ``x`` (N, T, F) float32, ``mask`` (N, T) bool (False on
-    padded frames), ``names`` (source utterance of each sequence), ``offsets`` (N,) first frame of
-    each sequence in its utterance, ``dropped`` the ``"name (k frames)"`` pieces left out for
-    having fewer than ``min_frames`` frames.  ``dataset[i]`` is ``(x[i], mask[i])``."""
-
-    def __init__(self, x: torch.Tensor, mask: torch.Tensor, names: Sequence[str],
-                 offsets: torch.Tensor | None = None, dropped: Sequence[str] = ()):
-        if x.dim() != 3 or mask.shape != x.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"SequenceDataset: x must be (N, T, F) and mask (N, T) bool, got "
-                             f"{tuple(x.shape)} and {tuple(mask.shape)} {mask.dtype}")
-        if len(names) != x.shape[0]:
-            raise ValueError(f"SequenceDataset: {len(names)} names for {x.shape[0]} sequences")
-        self.x = x
-        self.mask = mask
-        self.names = list(names)
-        self.offsets = (torch.zeros(x.shape[0], dtype=torch.long) if offsets is None
-                        else offsets)
-        self.dropped = list(dropped)
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i):
-        return self.x[i], self.mask[i]
-
-    @property
-    def seq_len(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def x_dim(self) -> int:
-        return self.x.shape[2]
-
-    @property
-    def num_frames(self) -> int:
-        """Number of real (unmasked) frames."""
-        return int(self.mask.sum())
-
-    def __repr__(self) -> str:
-        n = len(self)
-        padded = n * self.seq_len - self.num_frames
-        return (f"SequenceDataset({n} sequences x {self.seq_len} frames x {self.x_dim} bins, "
-                f"{self.num_frames} real frames, {padded} padded, "
-                f"{len(set(self.names))} utterances, {len(self.dropped)} short pieces left out)")
 
 
 # --------------------------------------------------------------------------- folders and files
@@ -323,36 +271,6 @@ def _split_powers(data, split, cache_dir, top_db, progress):
     return powers, names, skipped, False
 
 
-def make_sequences(powers: Iterable[torch.Tensor], names: Sequence[str], seq_len: int = 150,
-                   min_frames: int = MIN_FRAMES) -> SequenceDataset:
-    """Cut utterances (T_i, F) into sequences of ``seq_len`` frames (rule in the module docstring).
-
-    Pieces with fewer than ``min(min_frames, seq_len)`` frames are listed in ``.dropped``.
-    """
-    seq_len, min_frames = int(seq_len), int(min_frames)
-    if seq_len < 1:
-        raise DataError(f"seq_len must be at least 1, got {seq_len}")
-    keep = max(1, min(min_frames, seq_len))
-    pieces, dropped = [], []
-    for power, name in zip(powers, names):
-        n = power.shape[0]
-        for start in range(0, n, seq_len):
-            length = min(seq_len, n - start)
-            if length >= keep:
-                pieces.append((power, name, start, length))
-            else:
-                dropped.append(f"{name} ({length} frames)" if start == 0
-                               else f"{name} (last {length} of {n} frames)")
-    F = pieces[0][0].shape[1] if pieces else N_FREQ
-    x = torch.zeros(len(pieces), seq_len, F, dtype=torch.float32)
-    mask = torch.zeros(len(pieces), seq_len, dtype=torch.bool)
-    for i, (power, _, start, length) in enumerate(pieces):
-        x[i, :length] = power[start:start + length]
-        mask[i, :length] = True
-    offsets = torch.tensor([p[2] for p in pieces], dtype=torch.long)
-    return SequenceDataset(x, mask, [p[1] for p in pieces], offsets, dropped)
-
-
 def _where(data, split):
     return f"the built-in corpus ({split})" if data is None else f"{split} data in {data}"
 
@@ -370,7 +288,13 @@ def load_splits(data: PathLike | None = None, seq_len: int = 150,
     features come from the cache); pieces shorter than ``min_frames`` are listed in
     ``dataset.dropped``.  Raises :class:`DataError` when a
     folder is missing, holds no audio, or nothing usable is left.
+
+    An array file (``data`` ending in ``.npz``, :mod:`pyro_dvae.data.arrays`) gives its own
+    sequences instead, cut into pieces of ``seq_len`` steps, every piece kept (``min_frames``,
+    ``cache_dir``, ``top_db`` concern audio only).
     """
+    if is_array_file(data):
+        return load_array_splits(data, seq_len, splits)
     if isinstance(splits, str):
         splits = (splits,)
     out = {}
