@@ -20,6 +20,9 @@ import click
 
 from . import __version__
 
+#: the likelihoods of pyro_dvae.distributions.LIKELIHOODS (named here: the CLI starts without torch)
+LIKELIHOOD_NAMES = ("is", "gaussian", "bernoulli")
+
 #: fit options a resumed run may change; every other option must match the run's config.json
 RESUMABLE_OVERRIDES = ("epochs", "patience", "threads", "num_workers")
 
@@ -74,9 +77,11 @@ def _parse_model_options(pairs) -> dict:
 
 
 def _check_model_options(entry, options: dict) -> None:
-    reserved = {"x_dim"} & set(options)
+    reserved = sorted({"x_dim", "u_dim"} & set(options))
     if reserved:
-        raise click.ClickException("x_dim is set by the data (257 bins for speech), not by -o")
+        raise click.ClickException(f"{reserved[0]} is set by the data (x_dim: 257 bins for "
+                                   "speech, F for an array file; u_dim: the features of its "
+                                   "<split>_u arrays), not by -o")
     sig = inspect.signature(entry.model.__init__)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return
@@ -92,11 +97,17 @@ def _explicit(ctx, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def _describe(split: str, ds) -> str:
+def _describe(split: str, ds, arrays: bool = False) -> str:
     padded = len(ds) * ds.seq_len - ds.num_frames
-    text = (f"{split}: {len(ds)} sequences of {ds.seq_len} frames from "
-            f"{len(set(ds.names))} utterances; {padded} frames of padding (shorter files and "
-            "the ends of longer ones are zero-padded and masked)")
+    source = "sequences" if arrays else "utterances"
+    shape = ""
+    if arrays:
+        inputs = f", inputs u of {ds.u_dim}" if getattr(ds, "u", None) is not None else ""
+        shape = f" ({ds.x_dim} features{inputs})"
+    text = (f"{split}: {len(ds)} sequences of {ds.seq_len} frames{shape} from "
+            f"{len(set(ds.names))} {source}; {padded} frames of padding (shorter "
+            f"{'sequences' if arrays else 'files'} and the ends of longer ones are zero-padded "
+            "and masked)")
     dropped = getattr(ds, "dropped", [])
     if dropped:
         shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3
@@ -149,12 +160,32 @@ def _resume_settings(ctx, out: Path, given: dict) -> dict:
     return stored
 
 
+def _training_data(data, opts, say) -> dict:
+    """The train and val sets of ``--data`` (audio folder, array file or built-in corpus), checked
+    against the chosen likelihood's support."""
+    from .data import DataError, is_array_file, load_splits
+    from .distributions import get_likelihood
+
+    say(f"data: {'the built-in corpus' if data is None else data}")
+    with echo_warnings():
+        try:
+            splits = load_splits(data, seq_len=opts["seq_len"], splits=("train", "val"),
+                                 progress=not opts["quiet"])
+            for split, ds in splits.items():  # (the padding holds zeros: in every support)
+                get_likelihood(opts["likelihood"]).check_data(ds.x, f"{split} data")
+        except (DataError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+    for split, ds in splits.items():
+        say(_describe(split, ds, is_array_file(data)))
+    return splits
+
+
 @cli.command("fit")
 @click.option("--model", "model", metavar="NAME", help="Registered model (pyro-dvae models).")
 @click.option("--guide", metavar="VARIANT", help="Guide variant (default: the model's).")
-@click.option("--data", type=click.Path(), default=None, metavar="DIR",
-              help="Audio folder with train/ val/ (or si_tr_s/ si_dt_05/); default: the "
-                   "built-in corpus.")
+@click.option("--data", type=click.Path(), default=None, metavar="DIR|FILE.npz",
+              help="Audio folder with train/ val/ (or si_tr_s/ si_dt_05/), or an array file "
+                   "FILE.npz (README: array data); default: the built-in corpus.")
 @click.option("--epochs", type=click.IntRange(min=0), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4,
@@ -179,8 +210,9 @@ def _resume_settings(ctx, out: Path, given: dict) -> dict:
 @click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Run directory (default: runs/<time>-<model>).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
-@click.option("--likelihood", type=click.Choice(["is", "gaussian"]), default="is",
-              show_default=True, help="Itakura-Saito (Gamma, for power spectrograms) or Gaussian.")
+@click.option("--likelihood", type=click.Choice(LIKELIHOOD_NAMES), default="is",
+              show_default=True, help="Itakura-Saito (Gamma, for power spectrograms), Gaussian, "
+                                      "or Bernoulli (logits, for binary data).")
 @click.option("-o", "--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument of the model class, repeatable (e.g. -o z_dim=32).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
@@ -233,21 +265,13 @@ def fit_cmd(ctx, **opts):
         torch.set_num_threads(config.threads)
     say = (lambda *a: None) if opts["quiet"] else (lambda m: click.echo(m, err=True))
 
-    from .data import DataError, load_splits
-
     data = None if opts["data"] is None else str(Path(opts["data"]).expanduser().resolve())
-    say(f"data: {'the built-in corpus' if data is None else data}")
-    with echo_warnings():
-        try:
-            splits = load_splits(data, seq_len=opts["seq_len"], splits=("train", "val"),
-                                 progress=not opts["quiet"])
-        except DataError as e:
-            raise click.ClickException(str(e)) from None
-    for split, ds in splits.items():
-        say(_describe(split, ds))
+    splits = _training_data(data, opts, say)
 
     pyro.set_rng_seed(config.seed)
     kwargs = {"likelihood": opts["likelihood"], **opts["model_option"]}
+    if splits["train"].u is not None:
+        kwargs["u_dim"] = splits["train"].u_dim
     try:
         model, guide = build(name, guide_name, x_dim=splits["train"].x_dim, **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as e:

@@ -279,11 +279,11 @@ class DataParallel:
         # let DDP look for unused parameters only then (it costs a graph traversal per step)
         params = [p for p in parameters(model, guide) if p.requires_grad]
         first = list(range(min(batch_size, len(train_set))))
-        x, mask = to_device(*next(iterate_batches(train_set, [first])), self.device)
+        x, mask, u = to_device(*next(iterate_batches(train_set, [first])), self.device)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), pyro.validation_enabled(False), \
                 pyro.settings.context(module_local_params=True):
-            loss = module(x, None, mask, len(train_set), 1.0)
+            loss = module(x, u, mask, len(train_set), 1.0)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         unused = self.any(any(g is None for g in grads))
         self.ddp = DistributedDataParallel(

@@ -20,7 +20,8 @@ from torch import nn
 import pyro
 
 from . import distributed
-from .batches import device_of, epoch_permutation, frames, iterate_batches, parameters, to_device
+from .batches import (check_data, device_of, epoch_permutation, frames, iterate_batches,
+                      parameters, to_device)
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, best_checkpoint, check_resumable,
                          copy_state, load_checkpoint, load_state, run_config, save_checkpoint,
                          write_json)
@@ -50,6 +51,8 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
     config = as_config(config)
     if len(train_set) == 0:
         raise ValueError("fit: the training set is empty")
+    for name, dataset in (("training", train_set), ("validation", val_set)):
+        check_data(model, dataset, name)
     if config.threads:
         torch.set_num_threads(config.threads)
     run = TrainingRun(model, guide, train_set, val_set, config, Path(out_dir), progress)
@@ -225,9 +228,9 @@ class TrainingRun:
         t0 = time.perf_counter()
         self.bar = progress_bar(self.progress, len(batches), self.st["step"], e,
                                 self.config.epochs)
-        for x, mask in iterate_batches(self.train_set, batches[self.st["step"]:],
-                                       self.config.num_workers):
-            self.train_step(x, mask, e, len(batches), frozen)
+        for x, mask, u in iterate_batches(self.train_set, batches[self.st["step"]:],
+                                          self.config.num_workers):
+            self.train_step(x, mask, u, e, len(batches), frozen)
             if self.stop_requested():
                 raise KeyboardInterrupt
         if self.bar is not None:
@@ -237,22 +240,23 @@ class TrainingRun:
         if self.stop_requested():
             raise KeyboardInterrupt
 
-    def train_step(self, x, mask, e: int, num_batches: int, frozen: List[nn.Parameter]) -> None:
-        """One SVI step on the batch (x, mask) of epoch ``e``."""
+    def train_step(self, x, mask, u, e: int, num_batches: int,
+                   frozen: List[nn.Parameter]) -> None:
+        """One SVI step on the batch (x, mask, u) of epoch ``e`` (``u`` None: undriven)."""
         st, config = self.st, self.config
         self.safe_rng = torch.get_rng_state()
         beta = kl_beta(e * num_batches + st["step"], num_batches, config.kl_warmup)
-        x, mask = to_device(x, mask, self.device)
+        x, mask, u = to_device(x, mask, u, self.device)
         # the plate scales the batch's loss to the data set: loss = N/b * sum; the objective
         # divides by N x T (per frame of a batch, as the reference does)
         n = len(self.train_set)
         scale = max(n, x.shape[0])
         self.optim.zero_grad(set_to_none=True)
         if not self.checked_params:
-            loss = _checked_loss(self.step_loss, x, mask, n, beta, self.params)
+            loss = _checked_loss(self.step_loss, x, u, mask, n, beta, self.params)
             self.checked_params = True
         else:
-            loss = self.step_loss(x, None, mask, n, beta)
+            loss = self.step_loss(x, u, mask, n, beta)
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(
                 f"non-finite loss ({float(loss.detach())}) in epoch {e + 1}, batch "
@@ -335,11 +339,11 @@ class TrainingRun:
         raise TrainingInterrupted(self.out, self.st["epoch"], self.st["step"], saved) from None
 
 
-def _checked_loss(step_loss, x, mask, n, beta, params):
-    """The first loss ``step_loss(x, None, mask, n, beta)``, traced to check that every Pyro
+def _checked_loss(step_loss, x, u, mask, n, beta, params):
+    """The first loss ``step_loss(x, u, mask, n, beta)``, traced to check that every Pyro
     parameter is a module parameter (the optimiser and the checkpoints only know those)."""
     with pyro.poutine.trace(param_only=True) as capture:
-        loss = step_loss(x, None, mask, n, beta)
+        loss = step_loss(x, u, mask, n, beta)
     known = {id(p) for p in params}
     stray = [name for name, site in capture.trace.nodes.items()
              if id(site["value"].unconstrained()) not in known]

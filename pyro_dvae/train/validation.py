@@ -44,11 +44,11 @@ def loss_sums(model, guide, dataset, batches: List[List[int]], elbo: str = "trac
     try:
         with torch.random.fork_rng(devices=cuda), pyro.validation_enabled(False):
             torch.manual_seed(seed)
-            for i, (x, mask) in enumerate(iterate_batches(dataset, batches, num_workers)):
+            for i, (x, mask, u) in enumerate(iterate_batches(dataset, batches, num_workers)):
                 if batch_seeds is not None:
                     torch.manual_seed(batch_seeds[i])
-                x, mask = to_device(x, mask, device)
-                total += float(loss_fn.differentiable_loss(model.model, guide, x, None, mask,
+                x, mask, u = to_device(x, mask, u, device)
+                total += float(loss_fn.differentiable_loss(model.model, guide, x, u, mask,
                                                            None, 1.0))
                 count += frames(x, mask)
     finally:
