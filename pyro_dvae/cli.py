@@ -367,7 +367,8 @@ _CHECKPOINT_HELP = "run directory written by 'pyro-dvae fit' (config.json and be
 @click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
               help=_CHECKPOINT_HELP)
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="audio folder with the split (default: the data the run was trained on)")
+              help="audio folder with the split, or an array file FILE.npz (default: the data the "
+                   "run was trained on)")
 @click.option("--split", default="test", show_default=True, help="split to evaluate")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="JSON file (default RUN_DIR/eval_SPLIT.json); the CSV goes beside it")

@@ -375,25 +375,32 @@ def evaluate_run_nll(run_dir, data=None, split: str = "test", K: int = 100,
                      chunk_frames: int = 32768, progress: bool = False) -> Dict[str, Any]:
     """``pyro-dvae evaluate --nll``: the bound of :func:`evaluate_nll` on every whole sequence of
     ``split`` of ``data`` (default: the data the run was trained on, from its config.json) for the
-    ``which`` weights of ``run_dir``; audio data gives one sequence per utterance (silence trimmed,
-    as :func:`pyro_dvae.data.load_utterances`).  Writes the summary and the per-sequence values to
+    ``which`` weights of ``run_dir``: the whole sequences of an array file
+    (:func:`pyro_dvae.data.load_array_sequences`, with their inputs u in driven mode), or one
+    sequence per utterance of audio data (silence trimmed, as
+    :func:`pyro_dvae.data.load_utterances`).  Writes the summary and the per-sequence values to
     ``out`` (default ``RUN_DIR/nll_<split>.json``, atomically) and returns them with ``json`` added.
     """
     from pathlib import Path
 
-    from .data.datasets import load_utterances
+    from .data import is_array_file, load_array_sequences, load_utterances
     from .train import load_run, write_json
 
     run_dir = Path(run_dir)
     model, guide, config = load_run(run_dir, which)
     if data is None:
         data = config.get("data")
-    utterances = load_utterances(data, split, progress=progress)
-    names = [u.name for u in utterances]
-    sequences = [u.power for u in utterances]
-    if sequences[0].shape[-1] != model.x_dim:
-        raise ValueError(f"{split} data has {sequences[0].shape[-1]} features per frame, the "
-                         f"run's model was trained on {model.x_dim}")
+    if is_array_file(data):
+        sequences = load_array_sequences(data, split)
+        names, x_dim = list(sequences.names), sequences.x.shape[-1]
+    else:
+        utterances = load_utterances(data, split, progress=progress)
+        names = [u.name for u in utterances]
+        sequences = [u.power for u in utterances]
+        x_dim = sequences[0].shape[-1]
+    if x_dim != model.x_dim:
+        raise ValueError(f"{split} data has {x_dim} features per frame, the run's model was "
+                         f"trained on {model.x_dim}")
     result = evaluate_nll(model, guide, sequences, K, seed=seed, chunk_frames=chunk_frames,
                           progress=progress)
     record = {"run": str(run_dir), "model": config.get("model"), "guide": config.get("guide"),

@@ -268,3 +268,35 @@ def test_cli_evaluate_nll_default_output_and_errors(run_dir, tmp_path):
         assert r.exit_code != 0 and words in r.output, r.output
     r = invoke("evaluate", "--checkpoint", tmp_path / "missing", "--nll")
     assert r.exit_code == 1 and r.output.startswith("Error:") and "Traceback" not in r.output
+
+
+def test_cli_evaluate_nll_on_an_array_file(tmp_path):
+    """Binary piano-roll-like sequences in an .npz: fit with --likelihood bernoulli, then
+    evaluate --nll on the whole test sequences equals evaluate_nll on load_array_sequences."""
+    import numpy as np
+
+    from pyro_dvae.data import load_array_sequences
+    from pyro_dvae.train import load_run
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        seqs = [rng.random((int(rng.integers(5, 12)), 8)) < 0.3 for _ in range(n)]
+        arrays[split] = np.concatenate(seqs).astype(np.uint8)
+        arrays[f"{split}_lengths"] = np.array([len(s) for s in seqs])
+    data = tmp_path / "rolls.npz"
+    np.savez(data, **arrays)
+    run = tmp_path / "run"
+    result = invoke("fit", "--model", "srnn", "--data", data, "--likelihood", "bernoulli",
+                    "--epochs", 1, "--seq-len", 6, "-o", "z_dim=2", "-o", "hidden=8",
+                    "--out", run, "-q", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    result = invoke("evaluate", "--checkpoint", run, "--nll", "--particles", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    d = json.loads((run / "nll_test.json").read_text())
+    assert d["num_sequences"] == 3 and d["num_frames"] == int(arrays["test_lengths"].sum())
+    assert d["names"] == ["test[0]", "test[1]", "test[2]"]
+    model, guide, _ = load_run(run)
+    api = evaluate_nll(model, guide, load_array_sequences(data, "test"), K=4)
+    assert api.nll_per_step == pytest.approx(d["nll_per_step"], rel=1e-6)
+    assert api.frames.tolist() == arrays["test_lengths"].tolist()
