@@ -35,9 +35,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 from torch import nn
+
+from .intervene import Evidence, intervene, upstream_variables
+from .sites import SetLatents, latent_names, sample_sites
 
 _INDEXED = re.compile(r"^(.+)_(\d+)$")
 
@@ -147,44 +148,14 @@ def _positional_names(fn: Callable, n: int) -> List[str]:
 
 # ---- running model and guide with leaf values ----------------------------------------------
 
-class _SetLatents(Messenger):
-    """Give every latent site the value in ``values``; record latent sites left without one."""
-
-    def __init__(self, values: Dict[str, torch.Tensor]):
-        super().__init__()
-        self.values = values
-        self.unset: List[str] = []
-        self.observed: List[str] = []
-
-    def _pyro_sample(self, msg):
-        if type(msg["fn"]).__name__ == "_Subsample":
-            return
-        if msg["is_observed"]:
-            self.observed.append(msg["name"])
-            return
-        if msg["name"] in self.values:
-            msg["value"] = self.values[msg["name"]]
-            msg["done"] = True
-        else:
-            self.unset.append(msg["name"])
-
-
-def _sample_sites(tr) -> List[dict]:
-    return [s for s in tr.nodes.values()
-            if s["type"] == "sample" and not site_is_subsample(s)
-            and not s["infer"].get("is_auxiliary")]
-
-
-def _latent_names(tr) -> List[str]:
-    return [s["name"] for s in _sample_sites(tr) if not s["is_observed"]]
-
-
-def _check_latent(site: dict) -> None:
+def is_discrete(site: dict) -> bool:
+    """A latent site whose value is not a point of a continuum (integer dtype or a discrete
+    support): no gradient reaches through it, only interventions on its support values."""
     v = site["value"]
     if not _is_float_tensor(v):
-        raise StructureError(
-            f"latent site {site['name']!r} has a non-floating value ({_describe(v)}): dependencies "
-            "are read through gradients, so discrete latents are not supported")
+        return True
+    support = getattr(site["fn"], "support", None)
+    return bool(getattr(support, "is_discrete", False))
 
 
 def _site_log_prob(site: dict) -> torch.Tensor:
@@ -222,7 +193,7 @@ def float64_copies(model: Callable, guide: Callable) -> Tuple[Callable, Callable
         for module in _modules_of(fn):
             if id(module) not in seen:
                 seen.add(id(module))
-                module.double()
+                module.double().eval()
     return model, guide
 
 
@@ -254,6 +225,29 @@ class Draw:
     observes: Dict[str, List[Tuple[str, Optional[int]]]]
     model_parents: Dict[str, Tuple[Set[str], Set[Tuple[str, Optional[int]]]]]
     guide_parents: Dict[str, Tuple[Set[str], Set[Tuple[str, Optional[int]]]]]
+    #: the latent values of the draw, and the discrete latent sites among them
+    values: Dict[str, torch.Tensor] = field(default_factory=dict)
+    discrete: Set[str] = field(default_factory=set)
+    #: site -> upstream variables whose absence an intervention established (latent names and
+    #: argument slices, as in ``model_parents``); None: no interventions were run
+    model_absent: Optional[Dict[str, Set]] = None
+    guide_absent: Optional[Dict[str, Set]] = None
+    #: every upstream variable (latent names, argument slices) and those interventions could not vary
+    upstream: List = field(default_factory=list)
+    unvaried: Set = field(default_factory=set)
+    batched: bool = True
+
+    def add_evidence(self, ev: "Evidence") -> None:
+        """Merge the edges and established absences of :func:`.intervene.intervene`."""
+        self.model_absent, self.guide_absent = {}, {}
+        for (kind, site), keys in ev.edges.items():
+            parents, slices = (self.model_parents if kind == "model" else self.guide_parents)[site]
+            for k in keys:
+                (parents.add if isinstance(k, str) else slices.add)(k)
+        for (kind, site), keys in ev.absent.items():
+            (self.model_absent if kind == "model" else self.guide_absent)[site] = set(keys)
+        self.unvaried = set(ev.unvaried)
+        self.batched = ev.batched
 
 
 def _dependencies(sites: List[dict], latent_leaves: Dict[str, torch.Tensor],
@@ -285,27 +279,29 @@ def _dependencies(sites: List[dict], latent_leaves: Dict[str, torch.Tensor],
     return out
 
 
-def trace_draw(model: Callable, guide: Callable, arguments: Arguments, rtol: float) -> Draw:
+def trace_draw(model: Callable, guide: Callable, arguments: Arguments, rtol: float
+               ) -> Tuple[Draw, list]:
     """Sample the guide once, then run guide and model with those latent values as float64 leaves
-    and read every site's dependencies (see the module docstring)."""
+    and read every site's dependencies by gradient (see the module docstring).  Returns the draw
+    and the upstream variables to intervene on (:func:`.intervene.upstream_variables`)."""
     args, kwargs = arguments.call(arguments.leaves())
     with torch.no_grad():
         first = poutine.trace(guide).get_trace(*args, **kwargs)
-    guide_latents = _latent_names(first)
+    guide_latents = latent_names(first)
     if not guide_latents:
         raise StructureError("the guide samples no latent site")
-    for s in _sample_sites(first):
-        if not s["is_observed"]:
-            _check_latent(s)
-    values = {n: first.nodes[n]["value"].detach().to(torch.float64).clone().requires_grad_(True)
+    discrete = {n for n in guide_latents if is_discrete(first.nodes[n])}
+    values = {n: first.nodes[n]["value"].detach().clone() if n in discrete else
+              first.nodes[n]["value"].detach().to(torch.float64).clone().requires_grad_(True)
               for n in guide_latents}
+    leaves = {n: v for n, v in values.items() if n not in discrete}
 
     # guide, with its own argument leaves
     g_leaves = arguments.leaves()
     args, kwargs = arguments.call(g_leaves)
-    setter = _SetLatents(values)
+    setter = SetLatents(values)
     g_tr = poutine.trace(setter(guide)).get_trace(*args, **kwargs)
-    g_sites = [s for s in _sample_sites(g_tr) if not s["is_observed"]]
+    g_sites = [s for s in sample_sites(g_tr) if not s["is_observed"]]
     if [s["name"] for s in g_sites] != guide_latents:
         raise StructureError(
             "the guide samples different sites from one run to the next "
@@ -314,9 +310,9 @@ def trace_draw(model: Callable, guide: Callable, arguments: Arguments, rtol: flo
     # model
     m_leaves = arguments.leaves()
     args, kwargs = arguments.call(m_leaves)
-    setter = _SetLatents(values)
+    setter = SetLatents(values)
     m_tr = poutine.trace(setter(model)).get_trace(*args, **kwargs)
-    m_sites = _sample_sites(m_tr)
+    m_sites = sample_sites(m_tr)
     extra = [n for n in guide_latents if n not in m_tr.nodes]
     observed_by_model = [n for n in guide_latents
                          if n in m_tr.nodes and m_tr.nodes[n]["is_observed"]]
@@ -348,14 +344,20 @@ def trace_draw(model: Callable, guide: Callable, arguments: Arguments, rtol: flo
                     found += [(n, t) for t in arguments.slices(n, g)]
         observes[s["name"]] = found
 
-    return Draw(
+    fixed = {n: v.detach() for n, v in values.items()}
+    upstream = upstream_variables(arguments, fixed, {s["name"]: s for s in g_sites}, discrete)
+    draw = Draw(
         latent_order=guide_latents,
         model_order=[s["name"] for s in m_sites],
         observed=observed,
         observes=observes,
-        model_parents=_dependencies(m_sites, values, m_leaves, arguments, rtol),
-        guide_parents=_dependencies(g_sites, values, g_leaves, arguments, rtol),
+        model_parents=_dependencies(m_sites, leaves, m_leaves, arguments, rtol),
+        guide_parents=_dependencies(g_sites, leaves, g_leaves, arguments, rtol),
+        values=fixed,
+        discrete=discrete,
+        upstream=[u.key for u in upstream],
     )
+    return draw, upstream
 
 
 # ---- the compact graph --------------------------------------------------------------------------
@@ -377,6 +379,15 @@ class Structure:
     site_of: Dict[Var, str]
     T: int
     family_order: Dict[str, int]
+    #: edges into a variable that no method found and no intervention ruled out (only non-empty
+    #: sets): ``undetermined[v]`` for the model, ``guide_undetermined[z]`` for the guide
+    undetermined: Dict[Var, Set[Var]] = field(default_factory=dict)
+    guide_undetermined: Dict[Var, Set[Var]] = field(default_factory=dict)
+    #: whether every draw's interventions ran in one batch; how many draws were read
+    batched: bool = True
+    draws: int = 1
+    #: what the reading could not do (a re-initialisation the model could not run, ...)
+    notes: List[str] = field(default_factory=list)
 
 
 def latent_vars(names: Sequence[str]) -> Dict[str, Var]:
@@ -459,6 +470,29 @@ def build_structure(draws: List[Draw], arguments: Arguments) -> Structure:
     for v, ps in guide_parents.items():
         ps.discard(v)  # a guide's own value never enters its parameters; guard anyway
 
+    # edges neither found nor ruled out by an intervention (module docstring)
+    def unknown(site: str, found: Set[Var], absent_of) -> Set[Var]:
+        absent = set().union(*[absent_of(d).get(site, set()) for d in draws])
+        per_var: Dict[Var, bool] = {}
+        for key in d0.upstream:
+            owners = [lat[key]] if isinstance(key, str) else slice_owner.get(key)
+            ruled_out = key in absent
+            for var in owners or [Var(key[0], None if key[1] is None else key[1] + 1, INPUT)]:
+                per_var[var] = per_var.get(var, True) and ruled_out
+        out = set()
+        for var, ruled_out in per_var.items():
+            if not ruled_out and var not in found and var != site_var[site]:
+                out.add(slice_vars((var.family, None if var.index is None else var.index - 1))[0]
+                        if var.kind == INPUT else var)
+        return out
+
+    undetermined = {site_var[n]: unknown(n, parents[site_var[n]],
+                                         lambda d: d.model_absent or {})
+                    for n in d0.model_order}
+    guide_undetermined = {lat[n]: unknown(n, guide_parents[lat[n]],
+                                          lambda d: d.guide_absent or {})
+                          for n in d0.latent_order}
+
     # family order: latent families by sampling order, then observed, then inputs (by argument)
     order: Dict[str, int] = {}
     for n in d0.latent_order:
@@ -481,19 +515,81 @@ def build_structure(draws: List[Draw], arguments: Arguments) -> Structure:
         site_of={v: n for n, v in site_var.items()},
         T=arguments.T,
         family_order=order,
+        undetermined={v: ps for v, ps in undetermined.items() if ps},
+        guide_undetermined={v: ps for v, ps in guide_undetermined.items() if ps},
+        batched=all(d.batched for d in draws),
+        draws=len(draws),
     )
 
 
-def read_structure(model: Callable, guide: Callable, *args, draws: int = 2, rtol: float = 1e-10,
-                   **kwargs) -> Structure:
+def reinitialise(model: Callable, guide: Callable, generator: torch.Generator) -> None:
+    """Draw new values for the trainable parameters of the (copied) model and guide, in place.
+
+    Every submodule with ``reset_parameters`` (torch's layers) is reset to its default random
+    initialisation; every other trainable parameter, and every parameter of Pyro's (private)
+    parameter store, gets Gaussian noise of its own root-mean-square size (0.3 where it is all
+    zero), as does a parameter still all zero after its reset -- so that weights the user set to
+    zero cannot hide a dependency.  Frozen parameters (``requires_grad=False``, e.g. masks) and
+    buffers are left alone.
+    """
+    modules: List[nn.Module] = []
+    for fn in (model, guide):
+        for m in _modules_of(fn):
+            modules += [sub for sub in m.modules() if all(sub is not o for o in modules)]
+    reset: Set[int] = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+        for m in modules:
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+                reset.update(id(p) for p in m.parameters(recurse=False))
+    params = {id(p): p for m in modules for p in m.parameters()}
+    store = pyro.get_param_store()
+    params.update({id(p): p for _, p in store.named_parameters()})
+    with torch.no_grad():
+        for key, p in params.items():
+            if not p.requires_grad or not p.is_floating_point():
+                continue
+            if key in reset and bool((p != 0).any()):
+                continue
+            rms = float(p.pow(2).mean().sqrt()) if p.numel() else 0.0
+            scale = rms if rms > 0 else 0.3
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def read_structure(model: Callable, guide: Callable, *args, draws: int = 1, reinits: int = 2,
+                   rtol: float = 1e-10, seed: int = 0, **kwargs) -> Structure:
     """Measure the compact model DAG and the guide's dependencies (module docstring).
 
     ``model`` and ``guide`` are any Pyro callables taking the same arguments, the observed sequence
     x of shape (batch, T, ...) first.  They are deep-copied and cast to float64; the caller's
-    objects and parameter store are not modified.
+    objects, parameter store and random state are not modified.  ``draws`` guide draws are read at
+    the caller's parameters, then one at each of ``reinits`` re-initialisations of the copies'
+    parameters (:func:`reinitialise`); every draw is read by gradient and by intervention.
     """
     arguments = Arguments(model, args, kwargs)
-    with isolated():
+    results: List[Draw] = []
+    notes: List[str] = []
+    with isolated(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
         m, g = float64_copies(model, guide)
-        results = [trace_draw(m, g, arguments, rtol) for _ in range(max(1, int(draws)))]
-    return build_structure(results, arguments)
+        n_user = max(1, int(draws))
+        for i in range(n_user + max(0, int(reinits))):
+            if i >= n_user:
+                reinitialise(m, g, generator)
+            try:
+                draw, upstream = trace_draw(m, g, arguments, rtol)
+            except StructureError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- a re-initialisation the model cannot run
+                if i < n_user:
+                    raise
+                notes.append(f"re-initialisation {i - n_user + 1} could not be read "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+                continue
+            draw.add_evidence(intervene(m, g, arguments, draw.values, upstream))
+            results.append(draw)
+    structure = build_structure(results, arguments)
+    structure.notes = notes + structure.notes
+    return structure

@@ -25,7 +25,9 @@ from .dsep import compact_dag, exact_posterior
 from .graph import LATENT, Structure, Var, read_structure
 from .notation import summarise
 
-_COLUMNS = ("exact", "guide", "missing", "extra")
+_COLUMNS = ("exact", "guide", "missing", "extra", "undetermined")
+
+CONSISTENT, NOT_CONSISTENT, UNDETERMINED = "consistent", "not consistent", "undetermined"
 
 
 @dataclass
@@ -42,16 +44,25 @@ class LatentReport:
     sites: List[Var] = field(default_factory=list)
     #: column -> step -> the actual set (absolute notation) at steps the pattern does not give
     deviations: Dict[str, Dict[Optional[int], List[str]]] = field(default_factory=dict)
+    #: variables that may or may not belong to the exact posterior's or the guide's set, because an
+    #: edge could not be determined (:mod:`.graph`); "exact"/"guide" hold the determined part
+    undetermined: List[str] = field(default_factory=list)
+    #: "consistent", "not consistent" (a difference that holds whatever the undetermined edges
+    #: are) or "undetermined" (no sure difference, but undetermined edges that matter)
+    status: str = CONSISTENT
 
     def to_dict(self) -> dict:
         return {"latent": self.latent, "exact": list(self.exact), "guide": list(self.guide),
                 "missing": list(self.missing), "extra": list(self.extra),
-                "consistent": bool(self.consistent)}
+                "consistent": bool(self.consistent), "status": self.status,
+                "undetermined": list(self.undetermined)}
 
     @property
     def verdict(self) -> str:
         if self.consistent:
             return "consistent"
+        if self.status == UNDETERMINED and not self.missing and not self.extra:
+            return "cannot tell: undetermined " + ", ".join(self.undetermined or ["edges"])
         parts = []
         if self.missing:
             parts.append("missing " + ", ".join(self.missing))
@@ -99,13 +110,38 @@ class PosteriorReport:
         return all(r.consistent for r in self.latents)
 
     @property
+    def status(self) -> str:
+        """"consistent", "not consistent" (some latent surely is not) or "undetermined"."""
+        statuses = {r.status for r in self.latents}
+        if NOT_CONSISTENT in statuses:
+            return NOT_CONSISTENT
+        return UNDETERMINED if UNDETERMINED in statuses else CONSISTENT
+
+    @property
+    def exit_code(self) -> int:
+        """What ``pyro-dvae check-posterior`` exits with: 0 consistent, 3 not consistent,
+        4 undetermined (no latent surely inconsistent, but some verdict not determined)."""
+        return {CONSISTENT: 0, NOT_CONSISTENT: 3, UNDETERMINED: 4}[self.status]
+
+    @property
     def T(self) -> int:
         return self.structure.T
+
+    def undetermined_edges(self) -> Dict[str, List[str]]:
+        """Edges no method found and no intervention ruled out: ``{"model": ["z_1 -> x_2", ...],
+        "guide": [...]}`` (a guide edge ``x_3 -> z_2``: q(z_2) may depend on x_3)."""
+        s = self.structure
+        return {"model": [f"{a} -> {b}" for b in sorted(s.undetermined)
+                          for a in sorted(s.undetermined[b])],
+                "guide": [f"{a} -> {b}" for b in sorted(s.guide_undetermined)
+                          for a in sorted(s.guide_undetermined[b])]}
 
     def to_dict(self) -> dict:
         return {"model": self.model, "guide": self.guide,
                 "latents": [r.to_dict() for r in self.latents],
-                "consistent": self.consistent}
+                "consistent": self.consistent, "status": self.status,
+                "undetermined_edges": self.undetermined_edges(),
+                "notes": list(self.structure.notes)}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -135,7 +171,8 @@ def format_table(report: PosteriorReport) -> str:
     rows = [header]
     for r in report.latents:
         rows.append((r.latent, _join(r.exact), _join(r.guide), _join(r.missing, "-"),
-                     _join(r.extra, "-"), "consistent" if r.consistent else "NOT consistent"))
+                     _join(r.extra, "-"), {CONSISTENT: "consistent", NOT_CONSISTENT:
+                                           "NOT consistent", UNDETERMINED: "cannot tell"}[r.status]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [head, ""]
     for n, row in enumerate(rows):
@@ -146,12 +183,28 @@ def format_table(report: PosteriorReport) -> str:
     if notes:
         lines += ["", "boundary steps that are not the truncated pattern:"]
         lines += [f"  {note}" for note in notes]
+    edges = report.undetermined_edges()
+    if edges["model"] or edges["guide"]:
+        lines += ["", "edges that could not be determined (neither found nor ruled out):"]
+        for kind in ("model", "guide"):
+            if edges[kind]:
+                lines.append(f"  {kind}: " + ", ".join(edges[kind]))
+        for r in report.latents:
+            if r.undetermined:
+                lines.append(f"  {r.latent}: exact posterior or guide may also involve "
+                             + ", ".join(r.undetermined))
+    if report.structure.notes:
+        lines += [""] + [f"note: {n}" for n in report.structure.notes]
     lines.append("")
     if report.consistent:
         lines.append("verdict: the guide conditions on exactly what the exact posterior depends on")
-    else:
-        bad = [f"{r.latent} ({r.verdict})" for r in report.latents if not r.consistent]
+    elif report.status == NOT_CONSISTENT:
+        bad = [f"{r.latent} ({r.verdict})" for r in report.latents
+               if r.status == NOT_CONSISTENT]
         lines.append("verdict: NOT consistent: " + "; ".join(bad))
+    else:
+        unsure = [r.latent for r in report.latents if r.status == UNDETERMINED]
+        lines.append("verdict: cannot tell: undetermined edges matter for " + ", ".join(unsure))
     return "\n".join(lines)
 
 
@@ -168,11 +221,32 @@ def _ranges(structure: Structure) -> Dict[str, Tuple[int, int]]:
     return out
 
 
+def _upper_graph(structure: Structure, g: nx.DiGraph) -> nx.DiGraph:
+    """The compact DAG with every undetermined model edge added (one that would close a cycle
+    cannot exist in a directed acyclic model and is left out)."""
+    hi = g.copy()
+    for v in sorted(structure.undetermined):
+        for p in sorted(structure.undetermined[v]):
+            hi.add_edge(p, v)
+            if not nx.is_directed_acyclic_graph(hi):
+                hi.remove_edge(p, v)
+    return hi
+
+
 def build_report(structure: Structure, model_name: Optional[str] = None,
                  guide_name: Optional[str] = None) -> PosteriorReport:
-    """Exact posterior by D-separation, comparison with the guide, summary per latent family."""
+    """Exact posterior by D-separation, comparison with the guide, summary per latent family.
+
+    With undetermined edges (:attr:`Structure.undetermined`), the exact sets are computed on the
+    determined graph and on the graph with every undetermined edge added (D-separation can only
+    lose separations when edges are added, so the truth lies between the two), the guide's sets
+    with and without its undetermined dependencies; "missing" and "extra" are the differences
+    that hold at both ends, "undetermined" what lies between.
+    """
     g = compact_dag(structure)
     exact = exact_posterior(structure, g)
+    exact_hi = (exact_posterior(structure, _upper_graph(structure, g))
+                if structure.undetermined else exact)
     ranges = _ranges(structure)
     order = structure.family_order
     groups: Dict[str, List[Var]] = {}
@@ -184,21 +258,29 @@ def build_report(structure: Structure, model_name: Optional[str] = None,
         per = {col: {} for col in _COLUMNS}
         for z in members:
             q = structure.guide_parents[z]
-            p = exact[z]
+            q_hi = q | structure.guide_undetermined.get(z, set())
+            p, p_hi = exact[z], exact_hi[z]
             per["exact"][z.index] = sorted(p)
             per["guide"][z.index] = sorted(q)
-            per["missing"][z.index] = sorted(p - q)
-            per["extra"][z.index] = sorted(q - p)
+            per["missing"][z.index] = sorted(p - q_hi)
+            per["extra"][z.index] = sorted(q - p_hi)
+            per["undetermined"][z.index] = sorted((p_hi - p) | (q_hi - q))
         summaries = {col: summarise(per[col], order, ranges, structure.T) for col in _COLUMNS}
         z0 = members[0]
         name = f"{z0.family}_t" if z0.index is not None else z0.family
-        consistent = all(not per["missing"][t] and not per["extra"][t] for t in per["exact"])
+        if any(per["missing"][t] or per["extra"][t] for t in per["exact"]):
+            status = NOT_CONSISTENT
+        elif any(per["undetermined"][t] for t in per["exact"]):
+            status = UNDETERMINED
+        else:
+            status = CONSISTENT
         latents.append(LatentReport(
             latent=name,
             exact=summaries["exact"].terms, guide=summaries["guide"].terms,
             missing=summaries["missing"].terms, extra=summaries["extra"].terms,
-            consistent=consistent, sites=members,
-            deviations={col: s.deviations for col, s in summaries.items() if s.deviations}))
+            consistent=status == CONSISTENT, sites=members,
+            deviations={col: s.deviations for col, s in summaries.items() if s.deviations},
+            undetermined=summaries["undetermined"].terms, status=status))
     return PosteriorReport(model_name, guide_name, latents, structure, exact, g)
 
 

@@ -14,7 +14,7 @@ def run(*args):
 
 def test_text_output_srnn_filtering():
     res = run("--model", "srnn", "--guide", "filtering")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output  # 3: some latent is not consistent
     lines = res.output.splitlines()
     assert lines[0].startswith("model: srnn   guide: filtering")
     header = next(i for i, line in enumerate(lines) if line.startswith("latent"))
@@ -34,8 +34,9 @@ def test_json_output_dkf_default_guide():
         "model": "dkf", "guide": "dks",
         "latents": [{"latent": "z_t", "exact": ["z_{t-1}", "x_{t:T}"],
                      "guide": ["z_{t-1}", "x_{t:T}"], "missing": [], "extra": [],
-                     "consistent": True}],
-        "consistent": True}
+                     "consistent": True, "status": "consistent", "undetermined": []}],
+        "consistent": True, "status": "consistent",
+        "undetermined_edges": {"model": [], "guide": []}, "notes": []}
 
 
 def test_bad_model_and_guide():

@@ -316,7 +316,8 @@ def test_one_site_observing_the_whole_sequence():
 
     d = check_posterior(whole_sequence, guide, _x()).to_dict()
     assert d["latents"] == [{"latent": "theta", "exact": ["data"], "guide": ["data"],
-                             "missing": [], "extra": [], "consistent": True}]
+                             "missing": [], "extra": [], "consistent": True,
+                             "status": "consistent", "undetermined": []}]
 
 
 def test_guide_samples_a_site_the_model_lacks():

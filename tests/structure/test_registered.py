@@ -16,9 +16,10 @@ from pyro_dvae.structure import check_registered
 
 
 def row(latent, exact, guide, missing=(), extra=()):
+    consistent = not missing and not extra
     return {"latent": latent, "exact": list(exact), "guide": list(guide),
-            "missing": list(missing), "extra": list(extra),
-            "consistent": not missing and not extra}
+            "missing": list(missing), "extra": list(extra), "consistent": consistent,
+            "status": "consistent" if consistent else "not consistent", "undetermined": []}
 
 
 EXACT_DKF = ["z_{t-1}", "x_{t:T}"]
@@ -87,6 +88,9 @@ def test_spec_table(name, variant):
     assert d["model"] == name and d["guide"] == variant
     assert d["latents"] == EXPECTED[name, variant], str(report)
     assert d["consistent"] == all(r["consistent"] for r in EXPECTED[name, variant])
+    # every edge determined, every intervention batched, every re-initialisation read
+    assert d["undetermined_edges"] == {"model": [], "guide": []} and d["notes"] == []
+    assert report.structure.batched and report.structure.draws == 3
     # regular structure: no boundary step deviates from the truncated pattern
     assert not [n for r in report.latents for n in r.notes()], str(report)
     assert elapsed < 10, f"check_posterior took {elapsed:.1f} s"
