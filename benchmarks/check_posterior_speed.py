@@ -1,4 +1,4 @@
-"""Time ``check-posterior`` (:func:`pyro_dvae.structure.check_registered`) for every registered pair.
+"""Time ``check-posterior`` (``structure.check_registered``) for every registered pair.
 
 What the CLI runs: x_dim 4, z_dim 2, T = 7 (``--steps``), one CPU thread.  Each pair is checked
 ``--repeats`` times (after one warm-up run) and the median wall time is printed in milliseconds,

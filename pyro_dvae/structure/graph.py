@@ -3,18 +3,38 @@
 The compact form of a DVAE (4.1.2) has only random variables as nodes; a node ``a`` is a parent of
 ``b`` when the realisation of ``a`` is used to compute the parameters of the distribution of ``b``
 (4.4).  Deterministic RNN states are not nodes: they are unrolled into functions of the random
-variables (appendix A, 15.1-15.6).  Nothing about the structure is declared by hand; it is measured:
+variables (appendix A, 15.1-15.6).  Nothing about the structure is declared by hand; it is measured
+on deep float64 copies of model and guide, in three ways, and an edge exists if any of them sees it
+at any draw:
 
-1. every latent site is given a float64 leaf tensor as its value (the values of a guide draw),
-   the observed sequence ``x`` (and any other tensor argument such as ``u``) is passed as a
-   float64 leaf;
-2. for every sample site, the gradient of ``fn.log_prob(value)`` -- at the site's own value, held
-   fixed -- is taken with respect to every latent leaf and every argument leaf.  A non-zero gradient
-   means the value changes the site's distribution: an edge of the compact DAG.  Gradients
-   through an RNN are exactly zero where there is no computational path, so the unrolled
-   dependencies (for example h_t(x_{1:t-1}, z_{1:t}) in STORN) appear as edges from every variable
-   they involve.
-   Several random draws (and the rows of the batch) guard against an accidental zero.
+1. gradients: every latent site is given a float64 leaf tensor as its value (the values of a guide
+   draw), the observed sequence ``x`` (and any other tensor argument such as ``u``) is passed as a
+   float64 leaf; for every sample site, the gradient of ``fn.log_prob(value)`` -- at the site's
+   own value, held fixed -- is taken with respect to every latent leaf and every argument leaf.  A
+   non-zero gradient means the value changes the site's distribution.  Gradients through an RNN
+   are exactly zero where there is no computational path, so the unrolled dependencies (for
+   example h_t(x_{1:t-1}, z_{1:t}) in STORN) appear as edges from every variable they involve.
+2. value interventions (:mod:`.intervene`): each latent value and each time step of each argument
+   is replaced in turn by other values (0, -v, v +- 10, 100 v), every other value held fixed, and
+   the program is run again; a site whose distribution changed depends on it, gradient path or
+   not (``.detach()``, ``torch.sign``, an inactive ``relu``, a saturated ``tanh``).
+3. parameter draws: the reading is repeated at the caller's parameters and at ``reinits``
+   re-initialisations of the copies' parameters (:func:`reinitialise`), so that weights set to zero
+   or a gate closed at the current values cannot hide an architectural edge.
+
+An edge that no method found counts as absent only when some intervention compared the site's
+distribution cleanly without seeing a change (for a discrete value: every point of an enumerable
+support, inside plates).  Otherwise it is *undetermined* (``Structure.undetermined``): an upstream
+value with an unbounded discrete support (Poisson), a replacement that changes which sites the
+program samples (Python control flow), a site whose distribution cannot be evaluated.
+
+What can still fool it: a dependency that shows only for values that none of the draws and
+replacement values reaches (``relu(z - 1e6)``), or only jointly with another variable taking a
+value that no draw visits (an interaction through a branch on ``z_1 > 100`` and ``z_2 > 100``); a
+dependency through state the program keeps between runs (a cache keyed on something other than
+its inputs, a global); a program that processes the sequences of a batch differently by their
+position (reading row 0 alone) while the interventions run batched; a parameter frozen
+(``requires_grad=False``) at a value that hides an edge.
 
 Observed sites are mapped to time steps of the arguments they observe (an observed site ``x_t``
 whose value is the view ``x[:, t-1]`` of the argument ``x`` becomes the variable ``x_t``), so that
@@ -232,7 +252,7 @@ class Draw:
     #: argument slices, as in ``model_parents``); None: no interventions were run
     model_absent: Optional[Dict[str, Set]] = None
     guide_absent: Optional[Dict[str, Set]] = None
-    #: every upstream variable (latent names, argument slices) and those interventions could not vary
+    #: every upstream variable (latent names, argument slices); those no intervention could vary
     upstream: List = field(default_factory=list)
     unvaried: Set = field(default_factory=set)
     batched: bool = True

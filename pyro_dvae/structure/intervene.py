@@ -196,8 +196,9 @@ def _site_probe(site: dict) -> Optional[_SiteProbe]:
     else:
         for i in every:
             add(("log_prob", (i,)), evaluate(("log_prob", (i,))))
-    for kind in ("mean", "variance"):
-        add((kind, ()), evaluate((kind, ())))
+    if sum(len(idx) for kind, idx in recipe) < 2:  # a log-density at one point: add moments
+        for kind in ("mean", "variance"):
+            add((kind, ()), evaluate((kind, ())))
     return _SiteProbe(probes, recipe, base) if recipe else None
 
 
@@ -373,7 +374,7 @@ def _tile(v: torch.Tensor, n: int) -> torch.Tensor:
 
 def intervene(model: Callable, guide: Callable, arguments, values: Dict[str, torch.Tensor],
               upstream: List[Upstream]) -> Evidence:
-    """Run every intervention of ``upstream`` (see the module docstring) and collect the evidence."""
+    """Run every intervention of ``upstream`` (module docstring) and collect the evidence."""
     exp = _Experiment(model, guide, arguments, values, upstream)
     jobs = [(up, c) for up in upstream for c in up.candidates]
     kinds = [k for up in upstream for k in range(len(up.candidates))]

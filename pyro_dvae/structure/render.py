@@ -4,7 +4,8 @@ The compact model graph (4.1.2) in black: latent variables as white circles, obs
 inputs as boxes, one column per time step.  The guide's dependencies are drawn on top, into each
 latent: blue dashed where the exact posterior needs them too, gold (the paper's colour for the
 missing links of an inference model) and bold where the exact posterior needs them and the guide
-does not, red dotted where the guide uses something the exact posterior does not need.
+does not, red dotted where the guide uses something the exact posterior does not need.  Edges that
+could not be determined (:mod:`.graph`) are grey and dotted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 GOLD = "#d4a017"
 GUIDE = "#1f6fd1"
 EXTRA = "#c0392b"
+UNKNOWN = "#999999"
 
 INSTALL = ("rendering needs Graphviz: install the `dot` program (apt-get install graphviz, "
            "brew install graphviz, or conda install graphviz) and the Python package "
@@ -40,7 +42,8 @@ def to_graphviz(report):
     graphviz = _graphviz()
     s = report.structure
     title = (f"{report.model or 'model'} / {report.guide or 'guide'}: black = model (compact), "
-             f"blue dashed = guide, gold = missing in the guide, red dotted = extra")
+             f"blue dashed = guide, gold = missing in the guide, red dotted = extra"
+             + (", grey dotted = undetermined" if s.undetermined or s.guide_undetermined else ""))
     dot = graphviz.Digraph(graph_attr={"rankdir": "TB", "newrank": "true", "label": title,
                                        "labelloc": "t", "fontsize": "12", "nodesep": "0.3"})
     node_id = {}
@@ -75,6 +78,9 @@ def to_graphviz(report):
     for v, ps in s.parents.items():
         for p in sorted(ps):
             dot.edge(node_id[p], node_id[v], color="black")
+    for v, ps in list(s.undetermined.items()) + list(s.guide_undetermined.items()):
+        for p in sorted(ps):
+            dot.edge(node_id[p], node_id[v], color=UNKNOWN, style="dotted", constraint="false")
     missing = set(report.missing_edges())
     extra = set(report.extra_edges())
     for z in s.latents:

@@ -169,10 +169,11 @@ def format_table(report: PosteriorReport) -> str:
             f"(read from the code at T = {report.T})")
     header = ("latent", "exact posterior", "guide", "missing", "extra", "verdict")
     rows = [header]
+    shown = {CONSISTENT: "consistent", NOT_CONSISTENT: "NOT consistent",
+             UNDETERMINED: "cannot tell"}
     for r in report.latents:
         rows.append((r.latent, _join(r.exact), _join(r.guide), _join(r.missing, "-"),
-                     _join(r.extra, "-"), {CONSISTENT: "consistent", NOT_CONSISTENT:
-                                           "NOT consistent", UNDETERMINED: "cannot tell"}[r.status]))
+                     _join(r.extra, "-"), shown[r.status]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [head, ""]
     for n, row in enumerate(rows):
@@ -292,7 +293,8 @@ def _name_of(fn: Callable) -> Optional[str]:
     return None
 
 
-def check_posterior(model: Callable, guide: Callable, *args, **kwargs) -> PosteriorReport:
+def check_posterior(model: Callable, guide: Callable, *args, draws: int = 1, reinits: int = 2,
+                    seed: int = 0, **kwargs) -> PosteriorReport:
     """Derive the exact posterior structure of ``model`` by D-separation and compare ``guide``.
 
     ``model`` and ``guide`` are Pyro callables taking the same arguments, the observed sequence x of
@@ -300,20 +302,27 @@ def check_posterior(model: Callable, guide: Callable, *args, **kwargs) -> Poster
     arguments.  Choose T so that first, middle and last steps are all visible (6 to 8) and a batch
     of 2 or more.  Nothing is declared by hand:
 
-    1. the compact DAG is read from the running model (non-zero float64 gradients of every site's
-       log-density with respect to the values of the other sites, over a few random draws; RNN
-       states are thereby unrolled, appendix A);
+    1. the compact DAG is read from the running model: an edge where a float64 gradient of a
+       site's log-density with respect to another site's value is non-zero, or where replacing
+       that value (0, -v, v +- 10, 100 v, the rest held fixed) changes the site's distribution, at
+       the caller's parameters and at two re-initialisations of them (:mod:`.graph`); RNN states
+       are thereby unrolled (appendix A);
     2. for each latent, in the guide's sampling order, the chain-rule conditioning set (4.20) is
        reduced by D-separation (4.2.1);
     3. the guide's dependencies (which x_s and earlier latents change the parameters of q) are read
        the same way, and compared: "missing" = in the exact posterior, not in the guide; "extra" =
        in the guide, not in the exact posterior.
 
-    Model and guide are deep-copied and cast to float64 for the check; the originals and Pyro's
-    parameter store are left as they were.  Dependencies that enter non-differentiably (integer
-    indexing by a sampled value, discrete latents) cannot be read this way.
+    Edges that no method found and no intervention ruled out (a latent with an unbounded discrete
+    support, a value that changes which sites are sampled) are reported as undetermined; a latent
+    whose verdict depends on them gets the status "undetermined" instead of a guess
+    (:attr:`PosteriorReport.status`, :attr:`PosteriorReport.exit_code`).  Model and guide are
+    deep-copied and cast to float64 for the check; the originals, Pyro's parameter store and the
+    random state are left as they were.  ``draws``, ``reinits`` and ``seed`` (keywords) go to
+    :func:`.graph.read_structure`.
     """
-    structure = read_structure(model, guide, *args, **kwargs)
+    structure = read_structure(model, guide, *args, draws=draws, reinits=reinits, seed=seed,
+                               **kwargs)
     return build_report(structure, _name_of(model), _name_of(guide))
 
 
