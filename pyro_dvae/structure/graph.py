@@ -542,7 +542,7 @@ def build_structure(draws: List[Draw], arguments: Arguments) -> Structure:
     )
 
 
-def reinitialise(model: Callable, guide: Callable, generator: torch.Generator) -> None:
+def reinitialise(model: Callable, guide: Callable) -> None:
     """Draw new values for the trainable parameters of the (copied) model and guide, in place.
 
     Every submodule with ``reset_parameters`` (torch's layers) is reset to its default random
@@ -550,19 +550,18 @@ def reinitialise(model: Callable, guide: Callable, generator: torch.Generator) -
     parameter store, gets Gaussian noise of its own root-mean-square size (0.3 where it is all
     zero), as does a parameter still all zero after its reset -- so that weights the user set to
     zero cannot hide a dependency.  Frozen parameters (``requires_grad=False``, e.g. masks) and
-    buffers are left alone.
+    buffers are left alone.  Draws from torch's global random state (which
+    :func:`read_structure` forks and seeds).
     """
     modules: List[nn.Module] = []
     for fn in (model, guide):
         for m in _modules_of(fn):
             modules += [sub for sub in m.modules() if all(sub is not o for o in modules)]
     reset: Set[int] = set()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
-        for m in modules:
-            if callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
-                reset.update(id(p) for p in m.parameters(recurse=False))
+    for m in modules:
+        if callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+            reset.update(id(p) for p in m.parameters(recurse=False))
     params = {id(p): p for m in modules for p in m.parameters()}
     store = pyro.get_param_store()
     params.update({id(p): p for _, p in store.named_parameters()})
@@ -574,7 +573,7 @@ def reinitialise(model: Callable, guide: Callable, generator: torch.Generator) -
                 continue
             rms = float(p.pow(2).mean().sqrt()) if p.numel() else 0.0
             scale = rms if rms > 0 else 0.3
-            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, dtype=p.dtype))
 
 
 def read_structure(model: Callable, guide: Callable, *args, draws: int = 1, reinits: int = 2,
@@ -591,13 +590,12 @@ def read_structure(model: Callable, guide: Callable, *args, draws: int = 1, rein
     results: List[Draw] = []
     notes: List[str] = []
     with isolated(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # (torch.manual_seed also seeds devices: slow)
         m, g = float64_copies(model, guide)
         n_user = max(1, int(draws))
         for i in range(n_user + max(0, int(reinits))):
             if i >= n_user:
-                reinitialise(m, g, generator)
+                reinitialise(m, g)
             try:
                 draw, upstream = trace_draw(m, g, arguments, rtol)
             except StructureError:

@@ -11,8 +11,10 @@ path or not (``.detach()``, ``torch.sign``, a saturated or inactive nonlinearity
   sign-flipped and large values); for a discrete value: every point of its support when it is
   enumerable (at most :data:`MAX_SUPPORT` points), else v + 1, v + 2 and 0 where in the support.
 - A distribution is compared through its log-density at a few fixed points (its own value and two
-  shifted or scaled copies of it, chosen once on the unmodified run), its mean and variance when it
-  has them; a change larger than ``rtol * (1 + |base|)`` in any of them is a change.  A comparison
+  shifted or scaled copies of it, or every support point of a discrete one, chosen once on the
+  unmodified run; its mean and variance too where fewer than two points have a finite density); a
+  change larger than 1e-8 (1 + max |base|) in any of them is a change (rounding in batched linear
+  algebra grows with the largest magnitudes).  A comparison
   whose result is not finite (a replacement that overflowed or left the likelihood's support) tells
   nothing either way and is not counted.
 - All interventions of one draw run as one batch: the sequences of the batch are repeated, one copy
@@ -42,7 +44,7 @@ from .sites import sample_sites, SetLatents
 Key = Union[str, Tuple[str, Optional[int]]]
 
 MAX_SUPPORT = 16
-_TOL = 1e-9
+_TOL = 1e-8
 
 
 @dataclass
@@ -315,7 +317,8 @@ class _Experiment:
                 return [None] * copies
             new = new.reshape(copies, *base.shape)
             finite = torch.isfinite(new)
-            diff = finite & ((new - base).abs() > _TOL * (1 + base.abs()))
+            # rounding in batched linear algebra scales with the largest magnitudes involved
+            diff = finite & ((new - base).abs() > _TOL * (1 + base.abs().amax()))
             changed |= diff.reshape(copies, -1).any(1)
             unknown |= ~finite.reshape(copies, -1).all(1)
         return [True if c else (None if u else False)

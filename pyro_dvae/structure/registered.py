@@ -27,7 +27,7 @@ def check_registered(name: str, guide: Optional[str] = None, steps: int = STEPS,
                        f"choose from {', '.join(entry.guides)}")
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: devices are not used here
         model, q = build(name, variant, x_dim=X_DIM, z_dim=Z_DIM)
         # positive frames: in the support of every likelihood (Itakura-Saito needs x > 0)
         x = torch.exp(torch.randn(batch, steps, X_DIM, generator=gen))

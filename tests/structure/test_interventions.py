@@ -275,3 +275,31 @@ def test_cli_exit_status_when_undetermined(monkeypatch):
     res = CliRunner().invoke(cli, ["check-posterior", "--model", "vae", "--format", "json"])
     assert res.exit_code == 4, res.output
     assert '"status": "undetermined"' in res.output
+
+
+# ---- when the batched interventions cannot be trusted -------------------------------------------
+
+def batch_centred_guide(x):
+    """q(z_t | x_t) written with the batch mean of x_t subtracted: the sequences of a batch are
+    mixed, so the interventions cannot share one batch and run one at a time (same answer)."""
+    with pyro.plate("batch", x.shape[0]):
+        for t in range(1, x.shape[1] + 1):
+            xt = x[:, t - 1, 0]
+            pyro.sample(f"z_{t}", dist.Normal(0.3 * (xt - 0.5 * xt.mean()), 1.0))
+
+
+def fussy_guide(x):
+    """q(z_t | x_t) that refuses large frames: the batch raises, each kind of replacement value
+    runs as its own batch, the failing one value by value."""
+    if bool((x.abs() > 50).any()):
+        raise ValueError("frame out of range")
+    linear_guide(lambda t, n: [t], ())(x)
+
+
+@pytest.mark.parametrize("guide", [batch_centred_guide, fussy_guide], ids=["mixing", "raising"])
+def test_interventions_fall_back_to_one_at_a_time(guide):
+    report = check_posterior(iid, guide, _x())
+    r = rows(report)["z_t"]
+    assert r["exact"] == ["x_t"] and r["guide"] == ["x_t"] and r["consistent"], str(report)
+    assert report.to_dict()["undetermined_edges"] == {"model": [], "guide": []}
+    assert not report.structure.batched
