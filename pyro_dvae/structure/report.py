@@ -104,6 +104,8 @@ class PosteriorReport:
     structure: Structure
     exact_sets: Dict[Var, Set[Var]]
     graph: nx.DiGraph
+    #: the exact sets with every undetermined model edge added (None: nothing undetermined)
+    exact_upper: Optional[Dict[Var, Set[Var]]] = None
 
     @property
     def consistent(self) -> bool:
@@ -147,13 +149,17 @@ class PosteriorReport:
         return json.dumps(self.to_dict(), **kwargs)
 
     def missing_edges(self) -> List[Tuple[Var, Var]]:
-        """(variable, latent site) pairs in the exact posterior but not in the guide."""
+        """(variable, latent site) pairs surely in the exact posterior and surely not in the
+        guide (whatever the undetermined edges are)."""
         s = self.structure
-        return [(v, z) for z in s.latents for v in sorted(self.exact_sets[z] - s.guide_parents[z])]
+        return [(v, z) for z in s.latents for v in sorted(
+            self.exact_sets[z] - s.guide_parents[z] - s.guide_undetermined.get(z, set()))]
 
     def extra_edges(self) -> List[Tuple[Var, Var]]:
-        s = self.structure
-        return [(v, z) for z in s.latents for v in sorted(s.guide_parents[z] - self.exact_sets[z])]
+        """(variable, latent site) pairs surely in the guide and surely not in the exact
+        posterior."""
+        s, upper = self.structure, self.exact_upper or self.exact_sets
+        return [(v, z) for z in s.latents for v in sorted(s.guide_parents[z] - upper[z])]
 
     def __str__(self) -> str:
         return format_table(self)
@@ -282,7 +288,8 @@ def build_report(structure: Structure, model_name: Optional[str] = None,
             consistent=status == CONSISTENT, sites=members,
             deviations={col: s.deviations for col, s in summaries.items() if s.deviations},
             undetermined=summaries["undetermined"].terms, status=status))
-    return PosteriorReport(model_name, guide_name, latents, structure, exact, g)
+    return PosteriorReport(model_name, guide_name, latents, structure, exact, g,
+                           exact_hi if structure.undetermined else None)
 
 
 def _name_of(fn: Callable) -> Optional[str]:

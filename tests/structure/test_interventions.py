@@ -234,6 +234,9 @@ def test_unbounded_discrete_latent_leaves_its_edges_undetermined():
     assert r["z_t"]["status"] == "undetermined" and not r["z_t"]["consistent"]
     assert r["z_t"]["exact"] == ["z_{t-1}", "x_{t:T}"] and r["z_t"]["undetermined"] == ["n"]
     assert r["z_t"]["missing"] == [] and r["z_t"]["extra"] == []
+    assert report.missing_edges() == [] and report.extra_edges() == []
+    upper = {str(z): {str(v) for v in vs} for z, vs in report.exact_upper.items()}
+    assert upper["z_3"] == {"n", "z_2", "x_3", "x_4", "x_5", "x_6", "x_7"}
     d = report.to_dict()
     assert d["status"] == "undetermined" and not d["consistent"]
     assert "n -> x_1" in d["undetermined_edges"]["model"]
