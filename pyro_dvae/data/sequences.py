@@ -88,7 +88,7 @@ class SequenceDataset(Dataset):
         inputs = f", inputs u of {self.u_dim}" if self.u is not None else ""
         return (f"SequenceDataset({n} sequences x {self.seq_len} frames x {self.x_dim} bins"
                 f"{inputs}, {self.num_frames} real frames, {padded} padded, "
-                f"{len(set(self.names))} utterances, {len(self.dropped)} short pieces left out)")
+                f"{len(set(self.names))} sources, {len(self.dropped)} short pieces left out)")
 
 
 def make_sequences(powers: Iterable[torch.Tensor], names: Sequence[str],
