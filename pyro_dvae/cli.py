@@ -367,6 +367,17 @@ def speech_errors():
 _CHECKPOINT_HELP = "run directory written by 'pyro-dvae fit' (config.json and best.pt)"
 
 
+def _require_speech(config: dict, run_dir, command: str) -> None:
+    """``resynth`` and ``generate`` write audio: a run trained on other data is refused (one line)."""
+    from .data import N_FREQ, is_array_file
+
+    x_dim = config.get("x_dim")
+    if is_array_file(config.get("data")) or x_dim != N_FREQ:
+        raise ValueError(f"{run_dir} was trained on {config.get('data')} ({x_dim} features per "
+                         f"frame), not on speech spectrograms ({N_FREQ} bins): {command} writes "
+                         "audio; use evaluate for other data")
+
+
 @cli.command("evaluate")
 @click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
               help=_CHECKPOINT_HELP)
@@ -450,7 +461,8 @@ def resynth_cmd(run_dir, in_path, out_path, plot):
     from .train import load_run
 
     with speech_errors():
-        model, guide, _ = load_run(run_dir)
+        model, guide, config = load_run(run_dir)
+        _require_speech(config, run_dir, "resynth")
         result = resynth_file(model, guide, in_path, out_path, plot)
     seconds = result.wave.size / 16000
     click.echo(f"wrote {out_path} ({seconds:.2f} s)" + (f" and {plot}" if plot else "")
@@ -476,6 +488,7 @@ def generate_cmd(run_dir, seconds, n, seed, griffin_lim_iters, out_dir):
 
     with speech_errors():
         model, _, config = load_run(run_dir)
+        _require_speech(config, run_dir, "generate")
         waves = generate_waves(model, seconds, n, n_iter=griffin_lim_iters, seed=seed)
         paths = save_waves({Path(out_dir) / f"{config['model']}_{seed}_{i:03d}.wav": w
                             for i, w in enumerate(waves)})

@@ -70,6 +70,12 @@ def test_fit_reports_the_array_data(tmp_path):
     # train: 9 -> 8 + 1, 5, 12 -> 8 + 4, 3: six pieces from four sequences, all kept
     assert ("train: 6 sequences of 8 frames (6 features) from 4 sequences; 19 frames of padding"
             in result.output)
+    # the speech commands refuse a run that was not trained on speech, in one line
+    one_line_error(invoke("generate", "--checkpoint", tmp_path / "run", "--seconds", "1",
+                          tmp_path / "gen"), "not on speech spectrograms", "generate writes audio")
+    one_line_error(invoke("resynth", "--checkpoint", tmp_path / "run", tmp_path / "in.wav",
+                          tmp_path / "out.wav"), "(6 features per frame)", "resynth")
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "out.wav").exists()
 
 
 def test_fit_driven_data_sets_u_dim_and_trains_on_u(tmp_path):
