@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
+    "Bernoulli": "distributions",
     "DVAE": "models",
     "Gaussian": "distributions",
     "Guide": "models",
@@ -45,7 +46,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for static analysis and IDEs
-    from .distributions import Gaussian, ItakuraSaito
+    from .distributions import Bernoulli, Gaussian, ItakuraSaito
     from .models import DVAE, Guide
     from .nll import NLLResult, evaluate_nll
     from .registry import REGISTRY, build, register

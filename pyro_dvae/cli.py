@@ -386,7 +386,7 @@ def _require_speech(config: dict, run_dir, command: str) -> None:
                    "run was trained on)")
 @click.option("--split", default="test", show_default=True, help="split to evaluate")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="JSON file (default RUN_DIR/eval_SPLIT.json); the CSV goes beside it")
+              help="JSON file (default RUN_DIR/eval_SPLIT.json); for speech the CSV goes beside it")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="worker processes for the metrics (0: in this process)")
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
@@ -401,8 +401,9 @@ def _require_speech(config: dict, run_dir, command: str) -> None:
               help="with --nll: seed of the guide samples")
 @click.pass_context
 def evaluate_cmd(ctx, run_dir, data, split, out, workers, which, progress, nll, K, seed):
-    """Resynthesise every utterance of a split and score it (RMSE, PESQ, STOI, SI-SDR; 13.2.3),
-    or with --nll bound its log-likelihood with K guide samples per sequence."""
+    """Resynthesise every utterance of a split and score it (RMSE, PESQ, STOI, SI-SDR; 13.2.3);
+    for array data (.npz) the VLB per time step and per sequence; with --nll bound the
+    log-likelihood with K guide samples per sequence."""
     if nll:
         if _explicit(ctx, "workers"):
             raise click.ClickException("--workers is for the resynthesis metrics, not --nll")
@@ -411,6 +412,10 @@ def evaluate_cmd(ctx, run_dir, data, split, out, workers, which, progress, nll, 
         if _explicit(ctx, name):
             flag = "--particles" if name == "K" else "--seed"
             raise click.ClickException(f"{flag} needs --nll")
+    if _array_run(run_dir, data):
+        if _explicit(ctx, "workers"):
+            raise click.ClickException("--workers is for the resynthesis metrics of speech")
+        return _evaluate_vlb(run_dir, data, split, out, which, progress)
     from .speech import evaluate_run, format_table
 
     with speech_errors():
@@ -422,6 +427,39 @@ def evaluate_cmd(ctx, run_dir, data, split, out, workers, which, progress, nll, 
     click.echo("mean:\n" + format_table({label: result["summary"]}) + "\n")
     click.echo("median [95 % CI]:\n" + format_table({label: result["summary"]}, "median") + "\n")
     click.echo(f"per-file metrics and summary: {result['json']}, {result['csv']}")
+
+
+def _array_run(run_dir: Path, data) -> bool:
+    """Whether ``evaluate`` reads an array file: ``--data``, else the data of the run."""
+    import json
+
+    if data is None:
+        try:
+            data = json.loads((Path(run_dir) / "config.json").read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            return False  # the speech path reports the unusable run directory
+    from .data import is_array_file
+
+    return is_array_file(data)
+
+
+def _evaluate_vlb(run_dir, data, split, out, which, progress):
+    """``evaluate`` of non-speech data: the VLB of the whole sequences, per time step and per
+    sequence (one guide sample each: the bound of ``evaluate --nll`` with K = 1)."""
+    from .nll import evaluate_run_nll
+
+    out = Path(run_dir) / f"eval_{split}.json" if out is None else out
+    with speech_errors():
+        try:
+            r = evaluate_run_nll(run_dir, data, split, 1, out, which=which, progress=progress)
+        except FloatingPointError as err:
+            raise click.ClickException(str(err)) from None
+    click.echo(f"{r['num_sequences']} sequences ({r['num_frames']} steps) of {split} in "
+               f"{r['data']}, {which}.pt of {run_dir}")
+    click.echo(f"VLB per time step: {r['log_px_per_step']:.4f} nats; per sequence: "
+               f"{r['log_px_per_sequence']:.3f} nats (one guide sample per sequence; the "
+               "importance-weighted test log-likelihood: --nll)")
+    click.echo(f"per-sequence values: {r['json']}")
 
 
 def _evaluate_nll(run_dir, data, split, out, which, progress, K, seed):

@@ -168,3 +168,33 @@ def test_load_array_splits_feeds_fit(tmp_path):
     hist = fit(model, guide, splits["train"], splits["val"], TrainConfig(epochs=1),
                tmp_path / "run", progress=False)
     assert hist["status"] == "finished" and len(hist["epoch"]) == 1
+
+
+def test_evaluate_reports_the_vlb_for_array_data(tmp_path):
+    """evaluate of a run trained on an array file: the VLB of the whole test sequences (no speech
+    metrics), the K = 1 bound of evaluate_nll with the same seed."""
+    from pyro_dvae import evaluate_nll
+    from pyro_dvae.data import load_array_sequences
+
+    data = piano_rolls(tmp_path / "rolls.npz")
+    run = tmp_path / "run"
+    assert invoke(*FIT, "--model", "vrnn", "--data", data, "--likelihood", "bernoulli",
+                  "--out", run).exit_code == 0
+    result = invoke("evaluate", "--checkpoint", run, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "3 sequences (18 steps) of test in" in result.output
+    assert "VLB per time step:" in result.output and "PESQ" not in result.output
+    record = json.loads((run / "eval_test.json").read_text())
+    assert record["K"] == 1 and record["num_frames"] == 18 and record["split"] == "test"
+    model, guide, _ = load_run(run)
+    ref = evaluate_nll(model, guide, load_array_sequences(data, "test"), K=1, seed=0)
+    assert record["log_px_per_step"] == pytest.approx(ref.per_step, rel=1e-6)
+    assert f"{ref.per_step:.4f} nats" in result.output
+    # another split, and the flags that belong to speech or --nll
+    assert invoke("evaluate", "--checkpoint", run, "--split", "val",
+                  "--no-progress").exit_code == 0
+    assert json.loads((run / "eval_val.json").read_text())["num_sequences"] == 2
+    one_line_error(invoke("evaluate", "--checkpoint", run, "--workers", "2"), "--workers")
+    bad = tmp_path / "other.npz"
+    np.savez(bad, test=np.zeros((2, 4, F + 1)))
+    one_line_error(invoke("evaluate", "--checkpoint", run, "--data", bad), "7 features")
