@@ -5,7 +5,6 @@ the comment of each row, from the exact posterior and the variant's density.  A 
 not registered yet is skipped; every registered (model, guide) pair must have a row.
 """
 
-import time
 
 import pytest
 import torch
@@ -81,9 +80,7 @@ def test_spec_table(name, variant):
         pytest.skip(f"model {name!r} is not registered yet")
     if variant not in REGISTRY[name].guides:
         pytest.skip(f"guide {variant!r} of {name!r} is not registered yet")
-    start = time.perf_counter()
     report = check_registered(name, variant)
-    elapsed = time.perf_counter() - start
     d = report.to_dict()
     assert d["model"] == name and d["guide"] == variant
     assert d["latents"] == EXPECTED[name, variant], str(report)
@@ -93,7 +90,6 @@ def test_spec_table(name, variant):
     assert report.structure.batched and report.structure.draws == 3
     # regular structure: no boundary step deviates from the truncated pattern
     assert not [n for r in report.latents for n in r.notes()], str(report)
-    assert elapsed < 10, f"check_posterior took {elapsed:.1f} s"
 
 
 def test_every_registered_pair_has_a_row():
