@@ -83,10 +83,13 @@ def _check_model_options(entry, options: dict) -> None:
                                    "speech, F for an array file; u_dim: the features of its "
                                    "<split>_u arrays), not by -o")
     sig = inspect.signature(entry.model.__init__)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+    architecture = list(getattr(entry.model, "architecture", {}))
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) and not architecture:
         return
-    allowed = [p for p in sig.parameters if p not in ("self", "x_dim", "likelihood")]
-    unknown = sorted(set(options) - set(allowed))
+    allowed = [name for name, p in sig.parameters.items()
+               if name not in ("self", "x_dim", "likelihood") and p.kind is not p.VAR_KEYWORD]
+    allowed += architecture
+    unknown = sorted(k for k in options if k not in allowed and k.lower() not in architecture)
     if unknown:
         raise click.ClickException(f"unknown model option {unknown[0]!r} for {entry.name}; "
                                    f"options: {', '.join(allowed)}")
@@ -531,6 +534,33 @@ def generate_cmd(run_dir, seconds, n, seed, griffin_lim_iters, out_dir):
         paths = save_waves({Path(out_dir) / f"{config['model']}_{seed}_{i:03d}.wav": w
                             for i, w in enumerate(waves)})
     click.echo(f"wrote {len(paths)} file(s) of {waves[0].size / 16000:.2f} s to {out_dir}")
+
+
+# ---- the authors' checkpoints --------------------------------------------------------------------
+@cli.command("import-reference")
+@click.argument("checkpoint", metavar="CHECKPOINT.pt", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), metavar="RUN_DIR",
+              help="run directory to write (must not exist yet, or be empty)")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              metavar="CONFIG.ini", help="the run's config.ini (default: next to the checkpoint)")
+def import_reference_cmd(checkpoint, out, config):
+    """Convert one of the authors' DVAE-speech checkpoints into a pyro-dvae run directory.
+
+    Every tensor is mapped by name with its shape checked; the layer sizes come from config.ini.
+    The run directory works with evaluate, resynth, generate, load_run and fit --init-from.
+    """
+    import json
+
+    from .reference import ReferenceError, import_reference
+
+    try:
+        with echo_warnings():
+            path = import_reference(checkpoint, out, config)
+    except (ReferenceError, OSError) as e:
+        raise click.ClickException(" ".join(str(e).split()) or type(e).__name__) from None
+    cfg = json.loads((path / "config.json").read_text())
+    click.echo(f"imported {cfg['source']['tag'] or cfg['model']} ({cfg['source']['tensors']} "
+               f"tensors) as {cfg['model']} with guide {cfg['guide']} into {path}")
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@ can share one set of weights between vectorised and sequential use.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +45,89 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.in_dim = in_dim
         self.out_dim = dim
+
+
+def mlp(in_dim: int, sizes: Sequence[int], activation: str = "tanh") -> MLP:
+    """``MLP(in_dim, n1, f, ..., nL, f)``: hidden layers of the widths ``sizes``, all with one
+    activation (the form of the authors' ``dense_*`` fields); ``sizes=()`` is the identity."""
+    spec = []
+    for n in sizes:
+        spec += [n, activation]
+    return MLP(in_dim, *spec)
+
+
+# ---- architecture options ------------------------------------------------------------------------
+#: the activations an architecture's ``activation`` option may name
+HIDDEN_ACTIVATIONS = ("tanh", "relu", "sigmoid", "softplus")
+
+
+class ArchitectureError(ValueError):
+    """An architecture option that is unknown or has an invalid value (one-line message)."""
+
+
+def layer_sizes(value: Any, key: str) -> Tuple[int, ...]:
+    """The widths of a ``dense_*`` option: ``256``, ``(256, 128)``, ``[256, 128]``, ``"256,128"``
+    or ``""`` / ``()`` (no hidden layer: the identity) -> a tuple of positive ints."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")] if value.strip() else []
+        try:
+            value = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ArchitectureError(f"{key}={value!r}: not a comma-separated list of layer "
+                                    "widths (for example 256,128)") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in value):
+        raise ArchitectureError(f"{key}={value!r}: layer widths must be integers "
+                                "(for example 256,128)")
+    if any(n < 1 for n in value):
+        raise ArchitectureError(f"{key}={value!r}: layer widths must be >= 1")
+    return tuple(value)
+
+
+def _option_value(key: str, value: Any, default: Any) -> Any:
+    if key.startswith("dense_"):
+        return None if value is None and default is None else layer_sizes(value, key)
+    if key.startswith(("dim_rnn", "num_rnn")):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ArchitectureError(f"{key}={value!r}: must be an integer >= 1")
+        return value
+    if key.startswith("bidir_"):
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise ArchitectureError(f"{key}={value!r}: must be True or False")
+        return value
+    if key == "activation":
+        if not isinstance(value, str) or value.lower() not in HIDDEN_ACTIVATIONS:
+            raise ArchitectureError(f"activation={value!r}: choose from "
+                                    f"{', '.join(HIDDEN_ACTIVATIONS)}")
+        return value.lower()
+    raise AssertionError(f"architecture option {key!r} has no known kind")
+
+
+def resolve_architecture(owner: str, defaults: Dict[str, Any],
+                         given: Dict[str, Any]) -> Dict[str, Any]:
+    """Validate the architecture options ``given`` against ``defaults`` and return the complete,
+    normalised set (layer widths as tuples).
+
+    Keys are the authors' config.ini field names, case-insensitive (``dim_RNN_h`` = ``dim_rnn_h``):
+    ``dense_*`` hidden-layer widths, ``dim_rnn_*`` LSTM sizes, ``num_rnn_*`` LSTM layers,
+    ``bidir_*`` directions and ``activation``.  Raises :class:`ArchitectureError` naming the first
+    bad option.
+    """
+    arch = dict(defaults)
+    for key, value in given.items():
+        name = key.lower()
+        if name not in defaults:
+            raise ArchitectureError(f"unknown option {key!r} for {owner}; options: "
+                                    f"{', '.join(defaults) or 'none'}")
+        arch[name] = _option_value(name, value, defaults[name])
+    return {k: (_option_value(k, v, defaults[k]) if v is not None else None)
+            for k, v in arch.items()}
 
 
 class GaussianHead(nn.Module):
@@ -106,10 +189,10 @@ class RNN(nn.Module):
 class BiRNN(nn.Module):
     """Forward and backward RNNs over the same input, outputs concatenated (batch, T, 2*hidden)."""
 
-    def __init__(self, in_dim: int, hidden: int, cell: str = "lstm"):
+    def __init__(self, in_dim: int, hidden: int, cell: str = "lstm", num_layers: int = 1):
         super().__init__()
-        self.fwd = RNN(in_dim, hidden, cell)
-        self.bwd = RNN(in_dim, hidden, cell, reverse=True)
+        self.fwd = RNN(in_dim, hidden, cell, num_layers=num_layers)
+        self.bwd = RNN(in_dim, hidden, cell, reverse=True, num_layers=num_layers)
         self.out_dim = 2 * hidden
 
     def forward(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -66,18 +66,19 @@ def test_models_lists_registry_with_default_guides():
 
 def test_fit_builtin_corpus_writes_the_run(tmp_path):
     out = tmp_path / "run"
-    result = invoke(*TINY, "--out", out, "-o", "z_dim=3", "--seed", "1")
+    result = invoke(*TINY, "--out", out, "-o", "z_dim=3", "-o", "dense_x_z=64,32", "--seed", "1")
     assert result.exit_code == 0, result.output
     for f in ("config.json", "history.json", "loss.png", "last.pt", "best.pt"):
         assert (out / f).is_file(), f
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["model"], cfg["guide"], cfg["x_dim"], cfg["z_dim"]) == ("vae", "frame", 257, 3)
-    assert cfg["model_options"] == {"z_dim": 3} and cfg["data"] is None
+    assert cfg["model_options"] == {"z_dim": 3, "dense_x_z": [64, 32]} and cfg["data"] is None
     assert cfg["seq_len"] == 20 and cfg["likelihood"] == "is" and cfg["train"]["seed"] == 1
     hist = json.loads((out / "history.json").read_text())
     assert hist["epoch"] == [1] and hist["status"] == "finished"
     model, guide, _ = load_run(out)
     assert model.z_dim == 3
+    assert model.arch["dense_x_z"] == (64, 32) and model.arch["dense_z_x"] == (32, 64)
 
 
 def test_fit_default_out_dir_and_progress(tmp_path, monkeypatch):
@@ -124,6 +125,10 @@ def test_fit_bad_inputs(tmp_path, audio_dir):
     one_line_error(invoke(*TINY, "-o", "novalue"), "KEY=VALUE")
     one_line_error(invoke(*TINY, "-o", "x_dim=3"), "x_dim")
     one_line_error(invoke(*TINY, "-o", "z_dim='a'"), "cannot build vae")
+    one_line_error(invoke(*TINY, "-o", "dense_x_z=256,0"), "dense_x_z", ">= 1")
+    one_line_error(invoke(*TINY, "-o", "activation=swish"), "activation", "tanh")
+    one_line_error(invoke(*TINY, "-o", "dense_x_h=256"), "unknown model option 'dense_x_h'",
+                   "dense_x_z")
 
 
 def test_resume_bad_inputs(tmp_path):

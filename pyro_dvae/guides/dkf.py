@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import MLP, RNN, GaussianHead, shift_right
+from ..nn import MLP, RNN, GaussianHead, mlp, shift_right
 
 
 class DKFGuide(Guide):
@@ -36,26 +36,27 @@ class DKFGuide(Guide):
 
     context = "future"
     markov = True
-    hidden = 128
 
     def __init__(self, model):
         super().__init__(model)
-        H = self.hidden
-        self.x_features = MLP(model.x_dim + model.u_dim, 256, "tanh")
+        arch = model.arch
+        H, layers, act = arch["dim_rnn_gx"], arch["num_rnn_gx"], arch["activation"]
+        self.x_features = model.mlp(model.x_dim + model.u_dim, "dense_x_gx")
+        F = self.x_features.out_dim
         if self.context in ("past", "all"):
-            self.fwd_rnn = RNN(256, H)
+            self.fwd_rnn = RNN(F, H, num_layers=layers)
         if self.context in ("future", "all"):
-            self.bwd_rnn = RNN(256, H, reverse=True)
+            self.bwd_rnn = RNN(F, H, reverse=True, num_layers=layers)
         if self.context == "t":
-            self.frame_net = MLP(256, H, "tanh")
+            self.frame_net = MLP(F, H, act)
         if self.context == "local":
-            self.frame_net = MLP(3 * 256, H, "tanh")
+            self.frame_net = MLP(3 * F, H, act)
         if self.markov:
             #: the z_{t-1} part of g_t (5.5), MLP(z_{t-1}, 32, Tanh, 64, Tanh) then tanh(W . + b)
-            self.z_net = MLP(model.z_dim, 32, "tanh", 64, "tanh", H, "tanh")
+            self.z_net = mlp(model.z_dim, arch["dense_ztm1_g"] + (H,), act)
         #: e_z (5.6)
-        self.combiner = MLP(H, 64, "tanh", 32, "tanh")
-        self.head = GaussianHead(32, model.z_dim)
+        self.combiner = model.mlp(H, "dense_g_z")
+        self.head = GaussianHead(self.combiner.out_dim, model.z_dim)
 
     def x_summary(self, x, u, mask):
         """The x-dependent parts of g_t, each (batch, T, H)."""

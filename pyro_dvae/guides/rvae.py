@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import MLP, RNN, GaussianHead
+from ..nn import RNN, GaussianHead, mlp
 
 
 class RecurrentGuide(Guide):
@@ -35,20 +35,31 @@ class RecurrentGuide(Guide):
     "backward": x_{t:T}), combined by e_z = MLP(g_t, 64, Tanh, 32, Tanh) (10.18-10.30, 13.1.6)."""
 
     x_directions: tuple[str, ...] = ("backward",)
-    hidden = 128
+    #: part -> the model's architecture option that sizes it; a part without one keeps its
+    #: 13.1.6 default (:attr:`defaults`)
+    options = {"x_features": "dense_x_gx", "x_rnn": "dim_rnn_g_x", "x_layers": "num_rnn_g_x",
+               "z_features": "dense_z_gz", "z_rnn": "dim_rnn_g_z", "z_layers": "num_rnn_g_z",
+               "combiner": "dense_g_z"}
+    defaults = {"x_features": (256,), "x_rnn": 128, "x_layers": 1, "z_features": (32, 64),
+                "z_rnn": 128, "z_layers": 1, "combiner": (64, 32)}
 
     def __init__(self, model):
         super().__init__(model)
-        H = self.hidden
-        self.x_features = MLP(model.x_dim + model.u_dim, 256, "tanh")
+        size = {part: model.arch[self.options[part]] if part in self.options else default
+                for part, default in self.defaults.items()}
+        act = model.arch.get("activation", "tanh")
+        Hx, Hz = size["x_rnn"], size["z_rnn"]
+        self.x_features = mlp(model.x_dim + model.u_dim, size["x_features"], act)
+        F = self.x_features.out_dim
         if "forward" in self.x_directions:
-            self.x_fwd = RNN(256, H)                                   # (10.25)
+            self.x_fwd = RNN(F, Hx, num_layers=size["x_layers"])                  # (10.25)
         if "backward" in self.x_directions:
-            self.x_bwd = RNN(256, H, reverse=True)                     # (10.19) / (10.26)
-        self.z_features = MLP(model.z_dim, 32, "tanh", 64, "tanh")
-        self.z_rnn = RNN(64, H)                                        # (10.18) / (10.24)
-        self.combiner = MLP(H * (1 + len(self.x_directions)), 64, "tanh", 32, "tanh")  # (10.21)
-        self.head = GaussianHead(32, model.z_dim)
+            self.x_bwd = RNN(F, Hx, reverse=True, num_layers=size["x_layers"])    # (10.19)/(10.26)
+        self.z_features = mlp(model.z_dim, size["z_features"], act)
+        self.z_rnn = RNN(self.z_features.out_dim, Hz,
+                         num_layers=size["z_layers"])                             # (10.18)/(10.24)
+        self.combiner = mlp(Hx * len(self.x_directions) + Hz, size["combiner"], act)  # (10.21)
+        self.head = GaussianHead(self.combiner.out_dim, model.z_dim)
 
     def x_summary(self, x, u, mask) -> torch.Tensor:
         """[g<-^x_t, g->^x_t] (those of ``x_directions``) for all t, (batch, T, H * len(...))."""

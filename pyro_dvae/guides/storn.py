@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import MLP, RNN, GaussianHead
+from ..nn import RNN, GaussianHead
 from .rvae import RecurrentGuide
 
 
@@ -26,14 +26,15 @@ class STORNGuide(Guide):
     """Parameterises q(z_t | x_{1:t}) with a forward LSTM g_t(x_{1:t}) (7.15-7.17)."""
 
     name = "filtering"
-    hidden = 128
 
     def __init__(self, model):
         super().__init__(model)
-        self.x_features = MLP(model.x_dim + model.u_dim, 256, "tanh")
-        self.g_rnn = RNN(256, self.hidden)                              # e_g (7.15)
-        self.combiner = MLP(self.hidden, 64, "tanh", 32, "tanh")         # e_z (7.16)
-        self.head = GaussianHead(32, model.z_dim)
+        arch = model.arch
+        self.x_features = model.mlp(model.x_dim + model.u_dim, "dense_x_g")
+        self.g_rnn = RNN(self.x_features.out_dim, arch["dim_rnn_g"],
+                         num_layers=arch["num_rnn_g"])                    # e_g (7.15)
+        self.combiner = model.mlp(arch["dim_rnn_g"], "dense_g_z")        # e_z (7.16)
+        self.head = GaussianHead(self.combiner.out_dim, model.z_dim)
 
     def guide(self, x, u=None, mask=None):
         g = self.g_rnn(self.x_features(x if u is None else torch.cat([x, u], -1)))
@@ -46,6 +47,9 @@ class STORNConsistentGuide(RecurrentGuide):
 
     name = "consistent"
     x_directions = ("forward", "backward")
+    #: STORN's options for the x path and e_z; the z path keeps the 13.1.6 sizes
+    options = {"x_features": "dense_x_g", "x_rnn": "dim_rnn_g", "x_layers": "num_rnn_g",
+               "combiner": "dense_g_z"}
 
 
 GUIDES = {g.name: g for g in (STORNGuide, STORNConsistentGuide)}

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from ..nn import MLP, GaussianHead
+from ..nn import GaussianHead
 from ..models.base import Guide
 
 
 class VAEGuide(Guide):
-    """Parameterises q(z_t | x_t) with MLP(x_t, 256, Tanh, 128, Tanh) and a linear Gaussian head."""
+    """Parameterises q(z_t | x_t) with MLP(x_t, 256, Tanh, 128, Tanh) (option ``dense_x_z``) and a
+    linear Gaussian head."""
 
     name = "frame"
 
     def __init__(self, model):
         super().__init__(model)
-        self.encoder = MLP(model.x_dim, 256, "tanh", 128, "tanh")
-        self.head = GaussianHead(128, model.z_dim)
+        self.encoder = model.mlp(model.x_dim, "dense_x_z")
+        self.head = GaussianHead(self.encoder.out_dim, model.z_dim)
 
     def guide(self, x, u=None, mask=None):
         loc, scale = self.head(self.encoder(x))

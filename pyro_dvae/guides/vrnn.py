@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import MLP, RNN, GaussianHead
+from ..nn import RNN, GaussianHead
 
 
 class VRNNGuide(Guide):
@@ -28,11 +28,11 @@ class VRNNGuide(Guide):
 
     def __init__(self, model):
         super().__init__(model)
-        self.encoder = MLP(self.x_part_dim() + model.hidden, 128, "tanh", 64, "tanh")  # e_z (8.11)
-        self.head = GaussianHead(64, model.z_dim)
+        self.encoder = model.mlp(self.x_part_dim() + model.hidden, "dense_hx_z")  # e_z (8.11)
+        self.head = GaussianHead(self.encoder.out_dim, model.z_dim)
 
     def x_part_dim(self) -> int:
-        return 256
+        return self.model.x_features.out_dim
 
     def x_part(self, ctx, mask) -> torch.Tensor:
         """The x-dependent input of e_z for all t: phi_x(x_t)."""
@@ -63,14 +63,14 @@ class VRNNBackwardGuide(VRNNGuide):
     """Parameterises q(z_t | b_t(x_{t:T}), h_t) = q(z_t | z_{1:t-1}, x_{1:T}) (8.4, Goyal et al.)."""
 
     name = "backward"
-    hidden = 128
 
     def __init__(self, model):
         super().__init__(model)
-        self.b_rnn = RNN(256, self.hidden, reverse=True)
+        self.b_rnn = RNN(model.x_features.out_dim, model.hidden, reverse=True,
+                         num_layers=model.arch["num_rnn"])
 
     def x_part_dim(self) -> int:
-        return self.hidden
+        return self.model.hidden
 
     def x_part(self, ctx, mask):
         return self.b_rnn(ctx["fx"], mask)

@@ -46,6 +46,7 @@ import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 
 from ..distributions import NormalSequence, ObservationSequence, get_likelihood
+from ..nn import MLP, mlp, resolve_architecture
 
 _instance_counter = itertools.count()
 
@@ -66,15 +67,29 @@ class DVAE(nn.Module):
     predictive = False
     #: whether x_t depends only on z_{1:t} (and x_{1:t-1}); prefix generation needs it
     causal_generation = True
+    #: architecture options with this model's defaults (13.1): the layer-size fields of the
+    #: authors' config.ini, lower case (``dense_*`` hidden-layer widths, ``dim_rnn_*`` LSTM sizes,
+    #: ``num_rnn_*`` LSTM layers, ``bidir_*``, ``activation`` of the hidden layers); the model and
+    #: its guides read the resolved values from ``self.arch``
+    architecture: Dict[str, object] = {}
 
-    def __init__(self, x_dim: int = 257, z_dim: int = 16, likelihood="is", u_dim: int = 0):
+    def __init__(self, x_dim: int = 257, z_dim: int = 16, likelihood="is", u_dim: int = 0,
+                 **architecture):
         super().__init__()
+        #: the resolved architecture options (:attr:`architecture` updated with the given ones)
+        self.arch = resolve_architecture(self.name or type(self).__name__, self.architecture,
+                                         architecture)
         self.x_dim, self.z_dim, self.u_dim = int(x_dim), int(z_dim), int(u_dim)
         self.likelihood = get_likelihood(likelihood)
         self.num_params = self.likelihood.num_params(self.x_dim)
         self.pyro_name = _unique_pyro_name(self.name or type(self).__name__.lower())
         self._context_cache = None
         self._input_cache = None
+
+    def mlp(self, in_dim: int, key: str) -> MLP:
+        """The hidden layers of architecture option ``key`` (``dense_*``) on ``in_dim`` inputs,
+        with the architecture's activation."""
+        return mlp(in_dim, self.arch[key], self.arch.get("activation", "tanh"))
 
     # ---- subclass hooks -------------------------------------------------------------------
     def context(self, x: torch.Tensor, u: Optional[torch.Tensor],

@@ -11,6 +11,16 @@ Architecture (13.1.1):
 
 In driven mode the transition networks take [z_{t-1}, u_t].  The guides (DKS and the variants of
 5.2) are in guides/dkf.py.
+
+First step (the authors' convention, DVAE-speech, as the paper's z_0 = 0): z_0 = 0 goes through the
+gated transition, so p(z_1) = transition(0) is a learned Gaussian, not N(0, I), and the guide's
+MLP(z_{t-1}) receives z_0 = 0 at t = 1.
+
+Architecture options (the authors' config.ini names): ``dense_z_x`` (decoder widths, default
+32,64,128,256), and for the guides ``dense_x_gx`` (x features, 256), ``dim_rnn_gx`` / ``num_rnn_gx``
+(LSTM size 128, 1 layer), ``bidir_gx`` (False: the direction is the guide variant's),
+``dense_ztm1_g`` (the z_{t-1} MLP before the layer to ``dim_rnn_gx``, 32,64), ``dense_g_z`` (e_z,
+64,32) and ``activation`` (tanh).  The gated transition's sizes are fixed by 13.1.1.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import MLP, shift_right
+from ..nn import MLP, ArchitectureError, shift_right
 from .base import DVAE
 
 
@@ -45,12 +55,19 @@ class DKF(DVAE):
 
     name = "dkf"
 
-    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0):
-        super().__init__(x_dim, z_dim, likelihood, u_dim)
+    architecture = {"dense_x_gx": (256,), "dim_rnn_gx": 128, "num_rnn_gx": 1, "bidir_gx": False,
+                    "dense_ztm1_g": (32, 64), "dense_g_z": (64, 32),
+                    "dense_z_x": (32, 64, 128, 256), "activation": "tanh"}
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, **architecture):
+        super().__init__(x_dim, z_dim, likelihood, u_dim, **architecture)
+        if self.arch["bidir_gx"]:
+            raise ArchitectureError("bidir_gx=True cannot be expressed: the direction of the x "
+                                    "LSTM is the guide's (--guide st-lr reads x both ways)")
         self.transition = GatedTransition(z_dim + u_dim, z_dim)
         #: parameterises p(x_t | z_t) (3.11)
-        self.decoder = MLP(z_dim, 32, "tanh", 64, "tanh", 128, "tanh", 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.decoder = self.mlp(z_dim, "dense_z_x")
+        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
 
     def prior(self, z, ctx, x, u):
         z_prev = shift_right(z)

@@ -8,6 +8,12 @@ Generative model: z_t ~ N(0, I) i.i.d. (10.3) and
 Architecture (13.1.6): d_h is a forward (causal) or bidirectional (non-causal) LSTM (128 per
 direction) over MLP(z_t, 32, Tanh, 64, Tanh); d_x = MLP(h_t, 256, Tanh) and the linear output layer.
 
+Architecture options (the authors' config.ini names, defaults of 13.1.6): ``dense_z_h`` (32,64),
+``dim_rnn_h`` / ``num_rnn_h`` (128, 1), ``dense_h_x`` (256); for the guide ``dense_x_gx`` (256),
+``dim_rnn_g_x`` / ``num_rnn_g_x`` (128, 1), ``dense_z_gz`` (32,64), ``dim_rnn_g_z`` /
+``num_rnn_g_z`` (128, 1), ``dense_g_z`` (64,32); ``activation``.  ``bidir_h`` and ``bidir_g_x``
+are the model's kind (False: causal, True: non-causal) and must agree with it.
+
 x never feeds back (not predictive), so generation samples z_{1:T} from the prior at once and decodes
 (:meth:`RVAE.generate`); this is what the non-causal model needs.  Guides are in guides/rvae.py.
 """
@@ -17,26 +23,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import MLP, RNN, BiRNN
+from ..nn import RNN, ArchitectureError, BiRNN
 from .base import DVAE
+
+
+def _architecture(bidirectional: bool) -> dict:
+    return {"dense_x_gx": (256,), "dim_rnn_g_x": 128, "num_rnn_g_x": 1, "bidir_g_x": bidirectional,
+            "dense_z_gz": (32, 64), "dim_rnn_g_z": 128, "num_rnn_g_z": 1, "dense_g_z": (64, 32),
+            "dense_z_h": (32, 64), "dim_rnn_h": 128, "num_rnn_h": 1, "bidir_h": bidirectional,
+            "dense_h_x": (256,), "activation": "tanh"}
 
 
 class RVAE(DVAE):
     """RVAE with x_t | h_t(z_{1:t}) (``bidirectional=False``) or x_t | h_t(z_{1:T}) (``True``)."""
 
     bidirectional = False
+    architecture = _architecture(False)
 
-    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, hidden=128):
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, **architecture):
         if u_dim:
             raise ValueError(f"{self.name}: the RVAE has no external input u (u_dim must be 0)")
-        super().__init__(x_dim, z_dim, likelihood, u_dim)
-        self.hidden = hidden
-        self.z_features = MLP(z_dim, 32, "tanh", 64, "tanh")
+        super().__init__(x_dim, z_dim, likelihood, u_dim, **architecture)
+        for key in ("bidir_g_x", "bidir_h"):
+            if self.arch[key] != self.bidirectional:
+                other = "rvae-noncausal" if self.arch[key] else "rvae-causal"
+                raise ArchitectureError(f"{key}={self.arch[key]} cannot be expressed by "
+                                        f"{self.name} (that is {other})")
+        self.hidden = self.arch["dim_rnn_h"]
+        self.z_features = self.mlp(z_dim, "dense_z_h")
         #: d_h: forward LSTM (10.4) or bidirectional LSTM (10.9-10.11) over the z features
-        self.h_rnn = BiRNN(64, hidden) if self.bidirectional else RNN(64, hidden)
+        rnn = BiRNN if self.bidirectional else RNN
+        self.h_rnn = rnn(self.z_features.out_dim, self.hidden, num_layers=self.arch["num_rnn_h"])
         #: parameterises p(x_t | h_t) (10.5-10.6 / 10.12-10.13)
-        self.decoder = MLP(hidden * (2 if self.bidirectional else 1), 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.decoder = self.mlp(self.hidden * (2 if self.bidirectional else 1), "dense_h_x")
+        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
 
     def context(self, x, u, mask):
         # padded frames (mask False) must not reach valid ones through the backward LSTM
@@ -67,6 +87,7 @@ class RVAECausal(RVAE):
 
     name = "rvae-causal"
     bidirectional = False
+    architecture = _architecture(False)
 
 
 class RVAENonCausal(RVAE):
@@ -74,4 +95,5 @@ class RVAENonCausal(RVAE):
 
     name = "rvae-noncausal"
     bidirectional = True
+    architecture = _architecture(True)
     causal_generation = False

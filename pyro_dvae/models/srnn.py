@@ -18,6 +18,11 @@ their trained weights map onto these layers by name:
 - concatenation order: h (or the guide's g) first, [h_t, z_{t-1}] in d_z and [h_t, z_t] in d_x (the
   paper writes [z_{t-1}, h_t] and [z_t, h_t]; the function is the same up to a column permutation).
   In driven mode u_t is appended to the LSTM input: [MLP(x_{t-1}), u_t].
+
+Architecture options (the authors' config.ini names, defaults of 13.1.5): ``dense_x_h`` (256),
+``dim_rnn_h`` / ``num_rnn_h`` (128, 1), ``dense_hz_z`` (d_z, 64,32), ``dense_hz_x`` (d_x, 256); for
+the guides ``dense_hx_g`` (256; the filtering guide's x MLP), ``dim_rnn_g`` / ``num_rnn_g`` (128,
+1), ``dense_gz_z`` (e_z, 64,32); ``activation``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import MLP, RNN, GaussianHead, shift_right
+from ..nn import RNN, GaussianHead, shift_right
 from .base import DVAE
 
 
@@ -35,18 +40,23 @@ class SRNN(DVAE):
     name = "srnn"
     predictive = True
 
-    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, hidden=128):
-        super().__init__(x_dim, z_dim, likelihood, u_dim)
-        self.hidden = hidden
-        self.x_features = MLP(x_dim, 256, "tanh")
+    architecture = {"dense_x_h": (256,), "dim_rnn_h": 128, "num_rnn_h": 1, "dense_hx_g": (256,),
+                    "dim_rnn_g": 128, "num_rnn_g": 1, "dense_gz_z": (64, 32),
+                    "dense_hz_x": (256,), "dense_hz_z": (64, 32), "activation": "tanh"}
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, **architecture):
+        super().__init__(x_dim, z_dim, likelihood, u_dim, **architecture)
+        self.hidden = hidden = self.arch["dim_rnn_h"]
+        self.x_features = self.mlp(x_dim, "dense_x_h")
         #: d_h (9.1): forward LSTM over MLP(x_{t-1}, 256, Tanh) [and u_t]
-        self.h_rnn = RNN(256 + u_dim, hidden)
+        self.h_rnn = RNN(self.x_features.out_dim + u_dim, hidden,
+                         num_layers=self.arch["num_rnn_h"])
         #: parameterises p(z_t | z_{t-1}, h_t) (9.4)
-        self.prior_net = MLP(z_dim + hidden, 64, "tanh", 32, "tanh")
-        self.prior_head = GaussianHead(32, z_dim)
+        self.prior_net = self.mlp(hidden + z_dim, "dense_hz_z")
+        self.prior_head = GaussianHead(self.prior_net.out_dim, z_dim)
         #: parameterises p(x_t | z_t, h_t) (9.2)
-        self.decoder = MLP(z_dim + hidden, 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.decoder = self.mlp(hidden + z_dim, "dense_hz_x")
+        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
 
     def context(self, x, u, mask):
         inp = self.x_features(shift_right(x))                    # MLP(x_{t-1}), x_0 = 0

@@ -17,6 +17,10 @@ their trained weights map onto these layers by name:
   MLP(0) = tanh(bias) in its x slots (not a zero feature vector); the LSTM starts from a zero state.
 - concatenation order of the LSTM input: [MLP(z_t), MLP(x_{t-1})], then u_t in driven mode.
 
+Architecture options (the authors' config.ini names, defaults of 13.1.3): ``dense_z_h`` (32,64),
+``dense_xtm1_h`` (256), ``dim_rnn_h`` / ``num_rnn_h`` (128, 1), ``dense_h_x`` (256); for the guides
+``dense_x_g`` (256), ``dim_rnn_g`` / ``num_rnn_g`` (128, 1), ``dense_g_z`` (64,32); ``activation``.
+
 The prior needs no network; once z_{1:T} is known, h_{1:T} is one LSTM call over the whole sequence,
 so the model is fully vectorised.  Guides (7.15-7.17 and a structure-consistent variant) are in
 guides/storn.py.
@@ -27,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import MLP, RNN, shift_right
+from ..nn import RNN, shift_right
 from .base import DVAE
 
 
@@ -37,17 +41,22 @@ class STORN(DVAE):
     name = "storn"
     predictive = True
 
-    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, hidden=128):
-        super().__init__(x_dim, z_dim, likelihood, u_dim)
-        self.hidden = hidden
-        #: feature extractors of d_h (13.1.3): MLP(z_t, 32, Tanh, 64, Tanh) and MLP(x_{t-1}, 256, Tanh)
-        self.z_features = MLP(z_dim, 32, "tanh", 64, "tanh")
-        self.x_features = MLP(x_dim, 256, "tanh")
+    architecture = {"dense_x_g": (256,), "dim_rnn_g": 128, "num_rnn_g": 1, "dense_g_z": (64, 32),
+                    "dense_z_h": (32, 64), "dense_xtm1_h": (256,), "dim_rnn_h": 128,
+                    "num_rnn_h": 1, "dense_h_x": (256,), "activation": "tanh"}
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, **architecture):
+        super().__init__(x_dim, z_dim, likelihood, u_dim, **architecture)
+        self.hidden = self.arch["dim_rnn_h"]
+        #: feature extractors of d_h (13.1.3): MLP(z_t, 32, Tanh, 64, Tanh), MLP(x_{t-1}, 256, Tanh)
+        self.z_features = self.mlp(z_dim, "dense_z_h")
+        self.x_features = self.mlp(x_dim, "dense_xtm1_h")
         #: d_h (7.4): forward LSTM over [z features, x features, (u_t)]
-        self.h_rnn = RNN(64 + 256 + u_dim, hidden)
+        self.h_rnn = RNN(self.z_features.out_dim + self.x_features.out_dim + u_dim, self.hidden,
+                         num_layers=self.arch["num_rnn_h"])
         #: parameterises p(x_t | h_t) (7.5-7.6)
-        self.decoder = MLP(hidden, 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.decoder = self.mlp(self.hidden, "dense_h_x")
+        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
 
     def states(self, z, x, u=None):
         """h_t = d_h(x_{t-1}, z_t, h_{t-1}) for all t (7.4), (batch, T, hidden)."""

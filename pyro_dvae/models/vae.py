@@ -5,13 +5,15 @@ p(z_t) = N(0, I) (2.2),  p(x_t | z_t) with decoder d_x(z_t) (2.3-2.5).
 
 Architecture: the paper gives none for its VAE baseline; we use the VAE of its KVAE (13.1.2):
 decoder MLP(z_t, 128, Tanh, 256, Tanh), encoder MLP(x_t, 256, Tanh, 128, Tanh) (guides/vae.py).
+Options: ``dense_x_z`` (encoder widths, default 256,128), ``dense_z_x`` (decoder widths, default
+the reverse of ``dense_x_z``), ``activation``; the authors' released VAE is
+``dense_x_z=256,128,64,32``.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..nn import MLP
 from .base import DVAE
 
 
@@ -20,11 +22,15 @@ class VAE(DVAE):
 
     name = "vae"
 
-    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0):
-        super().__init__(x_dim, z_dim, likelihood, u_dim)
+    architecture = {"dense_x_z": (256, 128), "dense_z_x": None, "activation": "tanh"}
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, **architecture):
+        super().__init__(x_dim, z_dim, likelihood, u_dim, **architecture)
+        if self.arch["dense_z_x"] is None:  # the mirror of the encoder
+            self.arch["dense_z_x"] = self.arch["dense_x_z"][::-1]
         #: parameterises p(x_t | z_t) (2.3)
-        self.decoder = MLP(z_dim, 128, "tanh", 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.decoder = self.mlp(z_dim, "dense_z_x")
+        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
 
     def emission(self, z, ctx, x, u):
         return self.x_out(self.decoder(z))

@@ -22,6 +22,11 @@ their trained weights map onto these layers by name:
   [phi_x(x_{t-1}), phi_z(z_{t-1}), u_t]; since h_1 = 0 is no LSTM output, u_1 does not enter the
   model (u_t acts from h_t on, t >= 2).
 
+Architecture options (the authors' config.ini names, defaults of 13.1.4): ``dense_x`` (phi_x, 256),
+``dense_z`` (phi_z, 32,64), ``dim_rnn`` / ``num_rnn`` (128, 1), ``dense_h_z`` (d_z, 64,32),
+``dense_hz_x`` (d_x, 256), ``dense_hx_z`` (the guide's e_z, 128,64; the authors' released VRNN has
+64,32) and ``activation``.
+
 The state h_t is shared by the model and its guide (8.13): the guide steps ``h_rnn`` frame by frame
 (it needs z_{t-1} before it can build h_t) and hands h_{1:T} to the model, which uses it for the
 prior and the decoder of all steps at once when its recorded z_t are the very tensors the guide
@@ -35,7 +40,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..nn import MLP, RNN, GaussianHead
+from ..nn import RNN, GaussianHead
 from .base import DVAE, kl_weight
 
 
@@ -45,20 +50,25 @@ class VRNN(DVAE):
     name = "vrnn"
     predictive = True
 
-    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, hidden=128):
-        super().__init__(x_dim, z_dim, likelihood, u_dim)
-        self.hidden = hidden
+    architecture = {"dense_x": (256,), "dense_z": (32, 64), "dense_hx_z": (128, 64),
+                    "dense_hz_x": (256,), "dense_h_z": (64, 32), "dim_rnn": 128, "num_rnn": 1,
+                    "activation": "tanh"}
+
+    def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, **architecture):
+        super().__init__(x_dim, z_dim, likelihood, u_dim, **architecture)
+        self.hidden = hidden = self.arch["dim_rnn"]
         #: feature extractors phi_x, phi_z (13.1.4), shared with the guide
-        self.x_features = MLP(x_dim, 256, "tanh")
-        self.z_features = MLP(z_dim, 32, "tanh", 64, "tanh")
+        self.x_features = self.mlp(x_dim, "dense_x")
+        self.z_features = self.mlp(z_dim, "dense_z")
         #: d_h (8.1): LSTM over [phi_x(x_{t-1}), phi_z(z_{t-1}), (u_t)], giving h_t for t >= 2
-        self.h_rnn = RNN(256 + 64 + u_dim, hidden)
+        self.h_rnn = RNN(self.x_features.out_dim + self.z_features.out_dim + u_dim, hidden,
+                         num_layers=self.arch["num_rnn"])
         #: parameterises p(z_t | h_t) (8.4-8.5)
-        self.prior_net = MLP(hidden, 64, "tanh", 32, "tanh")
-        self.prior_head = GaussianHead(32, z_dim)
+        self.prior_net = self.mlp(hidden, "dense_h_z")
+        self.prior_head = GaussianHead(self.prior_net.out_dim, z_dim)
         #: parameterises p(x_t | z_t, h_t) (8.2-8.3)
-        self.decoder = MLP(64 + hidden, 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.decoder = self.mlp(self.z_features.out_dim + hidden, "dense_hz_x")
+        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
         self._state_cache = None
         self._guide_states = None
 

@@ -12,6 +12,7 @@ Counting rules (PyTorch layers):
 from __future__ import annotations
 
 import pytest
+import torch
 
 import pyro_dvae
 from pyro_dvae.registry import REGISTRY
@@ -214,3 +215,76 @@ def test_gaussian_likelihood_doubles_the_output_layer():
         m_is, _ = pyro_dvae.build(name, x_dim=X, z_dim=Z)
         m_g, _ = pyro_dvae.build(name, x_dim=X, z_dim=Z, likelihood="gaussian")
         assert _count(m_g) - _count(m_is) == lin(256, X)  # one more Linear(256, 257)
+
+
+# ---- architecture options: the layer-size fields of the authors' config.ini ----------------------
+#: the authors' released WSJ0 runs (reference/DVAE-speech/README.md): [Network] options and the
+#: parameter count of the checkpoint (all tensors: encoder and decoder)
+AUTHORS = {
+    "vae": ({"dense_x_z": "256,128,64,32"}, 220_385),
+    "dkf": ({"dense_x_gx": 256, "dim_RNN_gx": 128, "num_RNN_gx": 1, "bidir_gx": False,
+             "dense_ztm1_g": (32, 64), "dense_g_z": (64, 32), "dense_z_x": (32, 64, 128, 256)},
+            397_729),
+    "storn": ({"dense_x_g": 256, "dim_RNN_g": 128, "num_RNN_g": 1, "dense_g_z": (64, 32),
+               "dense_z_h": (32, 64), "dense_xtm1_h": 256, "dense_h_x": 256, "dim_RNN_h": 128,
+               "num_RNN_h": 1}, 673_249),
+    "vrnn": ({"dense_x": 256, "dense_z": (32, 64), "dense_hx_z": (64, 32), "dense_hz_x": 256,
+              "dense_h_z": (64, 32), "dim_RNN": 128, "num_RNN": 1}, 453_729),
+    "srnn": ({"dense_x_h": 256, "dim_RNN_h": 128, "num_RNN_h": 1, "dense_hx_g": 256,
+              "dim_RNN_g": 128, "num_RNN_g": 1, "dense_gz_z": (64, 32), "dense_hz_x": 256,
+              "dense_hz_z": (64, 32)}, 688_129),
+    "rvae-causal": ({"bidir_g_x": False, "bidir_h": False}, 586_305),
+    "rvae-noncausal": ({"bidir_g_x": True, "bidir_h": True}, 924_225),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTHORS))
+def test_authors_architectures_are_expressible(name):
+    """Every layer-size field of the authors' configs is an option, and with their values the
+    model and its guide hold exactly as many parameters as their checkpoint."""
+    options, count = AUTHORS[name]
+    model, guide = pyro_dvae.build(name, x_dim=X, z_dim=Z, activation="tanh", **options)
+    assert _count(model) + _count(guide) == count
+    assert set(model.arch) >= {k.lower() for k in options}
+
+
+def test_options_change_the_layers_they_name():
+    model, guide = pyro_dvae.build("srnn", x_dim=X, z_dim=Z, dense_x_h=(100, 50), dim_rnn_h=40,
+                                   num_rnn_h=2, dense_hz_z="", activation="relu")
+    assert [m.out_features for m in model.x_features if hasattr(m, "out_features")] == [100, 50]
+    assert model.h_rnn.rnn.hidden_size == 40 and model.h_rnn.rnn.num_layers == 2
+    assert len(model.prior_net) == 0 and model.prior_head.loc.in_features == 40 + Z  # identity
+    assert isinstance(model.decoder[1], torch.nn.ReLU)
+    assert guide.hx_features[0].in_features == 40 + X  # the guide follows the model's h_t
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"dense_x_h": "256,abc"}, "not a comma-separated list"),
+    ({"dense_x_h": (256, 0)}, "widths must be >= 1"),
+    ({"dense_x_h": 2.5}, "must be integers"),
+    ({"dim_rnn_h": 0}, "dim_rnn_h=0: must be an integer >= 1"),
+    ({"num_rnn_g": True}, "must be an integer >= 1"),
+    ({"activation": "swish"}, "activation='swish': choose from"),
+    ({"dense_nothing": 3}, "unknown option 'dense_nothing' for srnn"),
+])
+def test_invalid_options_are_clear_errors(options, message):
+    from pyro_dvae.nn import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match=message):
+        pyro_dvae.build("srnn", x_dim=X, z_dim=Z, **options)
+
+
+def test_options_that_contradict_the_model():
+    from pyro_dvae.nn import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="bidir_h=True cannot be expressed by rvae-causal"):
+        pyro_dvae.build("rvae-causal", bidir_h=True)
+    with pytest.raises(ArchitectureError, match="bidir_gx=True cannot be expressed"):
+        pyro_dvae.build("dkf", bidir_gx=True)
+
+
+def test_vae_decoder_mirrors_the_encoder_by_default():
+    model, guide = pyro_dvae.build("vae", x_dim=X, z_dim=Z, dense_x_z=(64, 32, 8))
+    assert model.arch["dense_z_x"] == (8, 32, 64)
+    model, _ = pyro_dvae.build("vae", x_dim=X, z_dim=Z, dense_x_z=(64, 32), dense_z_x=(128,))
+    assert model.x_out.in_features == 128

@@ -327,7 +327,7 @@ def test_load_run_errors(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not registered"):
         load_run(tmp_path / "a")
-    cfg["model"], cfg["model_options"] = "srnn", {"hidden": 32}
+    cfg["model"], cfg["model_options"] = "srnn", {"dim_rnn_h": 32}
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_run(tmp_path / "a")
