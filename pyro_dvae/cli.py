@@ -183,6 +183,50 @@ def _training_data(data, opts, say) -> dict:
     return splits
 
 
+def _init_from(ctx, opts: dict):
+    """(model, guide, config.json entries) of ``fit --init-from RUN_DIR``: the run's model and
+    guide with its best weights; ``opts`` takes the run's model, guide and likelihood, and any
+    --model, --guide, --likelihood or -o that contradicts the run is a one-line error."""
+    from .train import CheckpointError, load_run
+
+    run_dir = opts["init_from"]
+    try:
+        model, guide, cfg = load_run(run_dir)
+    except CheckpointError as e:
+        raise click.ClickException(f"--init-from: {e}") from None
+    stored = {"model": cfg["model"], "guide": guide.name, "likelihood": model.likelihood.name}
+    for key, value in stored.items():
+        if _explicit(ctx, key) and opts[key] != value:
+            raise click.ClickException(f"--{key} {opts[key]} conflicts with --init-from "
+                                       f"{run_dir}, a run of {key} {value}")
+        opts[key] = value
+    arch = getattr(model, "arch", {})
+    run_options = {"z_dim": cfg.get("z_dim"), "u_dim": cfg.get("u_dim"),
+                   **(cfg.get("model_options") or {})}
+    for key, value in opts["model_option"].items():
+        if key.lower() in arch:
+            from .nn import ArchitectureError, resolve_architecture
+
+            try:
+                value = resolve_architecture(model.name, arch, {key: value})[key.lower()]
+            except ArchitectureError as e:
+                raise click.ClickException(str(e)) from None
+            same, have = value == arch[key.lower()], arch[key.lower()]
+        else:
+            same, have = value == run_options.get(key), run_options.get(key)
+        if not same:
+            raise click.ClickException(f"-o {key}={opts['model_option'][key]!r} conflicts with "
+                                       f"--init-from {run_dir}, whose {key} is {have!r} (the "
+                                       "architecture is that run's)")
+    source = {"run": str(Path(run_dir).expanduser().resolve()), "weights": "best.pt"}
+    if cfg.get("source"):
+        source["source"] = cfg["source"]
+    opts["model_option"] = dict(cfg.get("model_options") or {})
+    model.train()
+    guide.train()
+    return model, guide, {"init_from": source}
+
+
 @cli.command("fit")
 @click.option("--model", "model", metavar="NAME", help="Registered model (pyro-dvae models).")
 @click.option("--guide", metavar="VARIANT", help="Guide variant (default: the model's).")
@@ -213,6 +257,10 @@ def _training_data(data, opts, say) -> dict:
 @click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Run directory (default: runs/<time>-<model>).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--init-from", "init_from", type=click.Path(path_type=Path), default=None,
+              metavar="RUN_DIR", help="Start a new run from the weights (best.pt) of RUN_DIR, "
+                                      "with its model, guide and architecture (for example a "
+                                      "run written by import-reference).")
 @click.option("--likelihood", type=click.Choice(LIKELIHOOD_NAMES), default="is",
               show_default=True, help="Itakura-Saito (Gamma, for power spectrograms), Gaussian, "
                                       "or Bernoulli (logits, for binary data).")
@@ -232,6 +280,12 @@ def fit_cmd(ctx, **opts):
     if env_rank() != 0:  # torchrun: only rank 0 prints (and writes files, see train.fit)
         opts["quiet"] = True
     opts["model_option"] = _parse_model_options(opts["model_option"])
+    init = None
+    if opts["init_from"] is not None:
+        if opts["resume"]:
+            raise click.ClickException("--init-from starts a new run; --resume continues one "
+                                       "(give one of them)")
+        init = _init_from(ctx, opts)
     if opts["resume"]:
         if opts["out"] is None:
             raise click.ClickException("--resume needs --out DIR, the run to continue")
@@ -275,13 +329,23 @@ def fit_cmd(ctx, **opts):
     kwargs = {"likelihood": opts["likelihood"], **opts["model_option"]}
     if splits["train"].u is not None:
         kwargs["u_dim"] = splits["train"].u_dim
-    try:
-        model, guide = build(name, guide_name, x_dim=splits["train"].x_dim, **kwargs)
-    except (TypeError, ValueError, AssertionError, KeyError) as e:
-        raise click.ClickException(f"cannot build {name} with options {kwargs}: "
-                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
+    if init is not None:
+        model, guide, init_meta = init
+        data_u = splits["train"].u_dim if splits["train"].u is not None else 0
+        if (model.x_dim, model.u_dim) != (splits["train"].x_dim, data_u):
+            raise click.ClickException(
+                f"--init-from {opts['init_from']}: its model has x_dim {model.x_dim} and u_dim "
+                f"{model.u_dim}, the data {splits['train'].x_dim} and {data_u}")
+    else:
+        try:
+            model, guide = build(name, guide_name, x_dim=splits["train"].x_dim, **kwargs)
+        except (TypeError, ValueError, AssertionError, KeyError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise click.ClickException(f"cannot build {name} with options {kwargs}: {first}") \
+                from None
     meta = {"model_options": opts["model_option"], "data": data, "seq_len": opts["seq_len"]}
+    if init is not None:
+        meta.update(init_meta)
     say(f"{'resuming' if opts['resume'] else 'training'} {name} (guide {guide_name}) in {out}")
     try:
         with echo_warnings():

@@ -109,6 +109,11 @@ def _option_value(key: str, value: Any, default: Any) -> Any:
     raise AssertionError(f"architecture option {key!r} has no known kind")
 
 
+def architecture_json(arch: Dict[str, Any]) -> Dict[str, Any]:
+    """Resolved architecture options as JSON values (layer widths as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}
+
+
 def resolve_architecture(owner: str, defaults: Dict[str, Any],
                          given: Dict[str, Any]) -> Dict[str, Any]:
     """Validate the architecture options ``given`` against ``defaults`` and return the complete,

@@ -43,7 +43,7 @@ from pyro import poutine
 from torch import nn
 
 from .models.base import use_mean
-from .nn import ArchitectureError
+from .nn import ArchitectureError, architecture_json
 
 PathLike = Union[str, Path]
 Rule = Tuple[str, str, str, str]
@@ -306,8 +306,7 @@ def build_from_config(parser: configparser.ConfigParser):
         model, guide = build(name, GUIDES[name], **kwargs)
     except ArchitectureError as e:
         raise ReferenceError(f"config.ini: {e}") from None
-    options = {k: v for k, v in model.arch.items() if k in kwargs} if hasattr(model, "arch") else {}
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+    options = architecture_json({k: v for k, v in model.arch.items() if k in kwargs})
     return name, model, guide, options, training
 
 
@@ -363,8 +362,7 @@ def import_reference(checkpoint: PathLike, out: PathLike, config: Optional[PathL
               "training": training}
     cfg = {"model": name, "guide": guide.name, "x_dim": model.x_dim, "z_dim": model.z_dim,
            "u_dim": model.u_dim, "likelihood": model.likelihood.name, "model_options": options,
-           "architecture": {k: (list(v) if isinstance(v, tuple) else v)
-                            for k, v in model.arch.items()},
+           "architecture": architecture_json(model.arch),
            "data": None, "seq_len": int(parser.get("DataFrame", "sequence_len", fallback="150")),
            "source": source, "pyro_dvae_version": __version__}
     history = {"model": name, "guide": guide.name, "epoch": [], "train_loss": [],

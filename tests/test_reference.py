@@ -353,3 +353,45 @@ def test_cli_imports_a_real_checkpoint(tmp_path):
                                       str(tmp_path / "srnn")])
     assert result.exit_code == 0, result.output
     assert "imported SRNN (32 tensors) as srnn with guide smoothing" in result.output
+
+
+# ---- fit --init-from -----------------------------------------------------------------------------
+TINY = ["fit", "--epochs", "1", "--seq-len", "20", "--batch-size", "64", "-q"]
+
+
+def test_fit_init_from_an_imported_run(tmp_path):
+    """A new run starts from the imported weights, with the imported architecture; at a learning
+    rate too small to move float32 weights, its best.pt holds exactly the imported weights."""
+    run = import_reference(synthetic(tmp_path, "VAE"), tmp_path / "imported")
+    runner = CliRunner()
+    out = tmp_path / "tuned"
+    result = runner.invoke(cli, [*TINY, "--init-from", str(run), "--out", str(out),
+                                 "--lr", "1e-30"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model"], cfg["guide"]) == ("vae", "frame")
+    assert cfg["model_options"]["dense_x_z"] == [256, 128, 64, 32]
+    assert cfg["architecture"]["dense_z_x"] == [32, 64, 128, 256]
+    assert cfg["init_from"]["run"] == str(run.resolve())
+    assert cfg["init_from"]["source"]["tag"] == "VAE"
+    start, _, _ = load_run(run)
+    tuned, _, _ = load_run(out)
+    for (k, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the same -o as the run's is accepted; conflicting settings are one-line errors
+    ok = runner.invoke(cli, [*TINY, "--init-from", str(run), "--out", str(tmp_path / "b"),
+                             "--model", "vae", "-o", "dense_x_z=256,128,64,32"])
+    assert ok.exit_code == 0, ok.output
+    for extra, needle in ((["--model", "srnn"], "--model srnn conflicts"),
+                          (["-o", "dense_x_z=256,128"], "-o dense_x_z=(256, 128) conflicts"),
+                          (["-o", "z_dim=8"], "-o z_dim=8 conflicts"),
+                          (["--likelihood", "gaussian"], "--likelihood gaussian conflicts"),
+                          (["--resume"], "--init-from starts a new run")):
+        result = runner.invoke(cli, [*TINY, "--init-from", str(run), "--out",
+                                     str(tmp_path / "c"), *extra])
+        lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+        assert result.exit_code == 1 and len(lines) == 1 and needle in lines[0], result.output
+        assert not (tmp_path / "c").exists()
+    result = runner.invoke(cli, [*TINY, "--init-from", str(tmp_path / "nothing"), "--out",
+                                 str(tmp_path / "c")])
+    assert result.exit_code == 1 and "no such run directory" in result.output

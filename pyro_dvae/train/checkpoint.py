@@ -103,6 +103,10 @@ def run_config(model, guide, config: TrainConfig, meta: Optional[Dict[str, Any]]
         "model_options": {},
         "train": asdict(config),
     }
+    if getattr(model, "arch", None):  # the resolved architecture options, defaults included
+        from ..nn import architecture_json
+
+        cfg["architecture"] = architecture_json(model.arch)
     cfg.update(meta or {})
     from .. import __version__
 
@@ -154,7 +158,12 @@ def load_run(run_dir: Union[str, Path], which: str = "best"):
     kwargs = dict(x_dim=config["x_dim"], z_dim=config["z_dim"],
                   likelihood=config.get("likelihood") or "is", u_dim=config.get("u_dim", 0))
     kwargs.update(config.get("model_options") or {})
-    model, guide = build(name, guide_name, **kwargs)
+    try:
+        model, guide = build(name, guide_name, **kwargs)
+    except (TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{run_dir}: config.json does not describe a buildable {name} "
+                              f"({first})") from None
     load_state(model, ckpt["model"], "model", ckpt_path)
     load_state(guide, ckpt["guide"], "guide", ckpt_path)
     model.eval()
