@@ -288,7 +288,7 @@ def test_cli_evaluate_nll_on_an_array_file(tmp_path):
     np.savez(data, **arrays)
     run = tmp_path / "run"
     result = invoke("fit", "--model", "srnn", "--data", data, "--likelihood", "bernoulli",
-                    "--epochs", 1, "--seq-len", 6, "-o", "z_dim=2", "-o", "hidden=8",
+                    "--epochs", 1, "--seq-len", 6, "-o", "z_dim=2", "-o", "dim_rnn_h=8",
                     "--out", run, "-q", "--threads", 1)
     assert result.exit_code == 0, result.output
     result = invoke("evaluate", "--checkpoint", run, "--nll", "--particles", 4, "--no-progress")
