@@ -6,11 +6,15 @@ polyphonic music), built like the JSB Chorales data set of Boulanger-Lewandowski
 - **Chorales**: the distinct files of music21's Riemenschneider chorale list
   (``music21.corpus.chorales.Iterator``; 371 entries, 350 distinct files in music21 10.5), each
   score as encoded there: no repeats expanded, no transposition (the original keys).
+- **Voices**: the parts whose names begin with Soprano, Alto, Tenor or Bass (the four voices; five
+  in bwv27.6, which has two soprano parts); the instrumental parts that 19 of the scores add
+  (horns, trumpets, timpani, violins, continuo, ...) are left out, as in JSB's four-part
+  harmonisations.  A score without such names (three chorales with unnamed parts) keeps all.
 - **Piano roll**: 88 keys, A0 (MIDI 21) to C8 (MIDI 108); one step per quarter note.  Step k is
   the instant ``phi + k`` quarter notes after the start of the score, where ``phi`` aligns the
   steps with the beats of the bar (the fractional part of a pickup bar's missing length); a key is
   on (1) when a note of that pitch sounds at that instant (``onset <= phi + k < onset +
-  duration``), in any part.  Grace notes (no duration) and rests leave no trace; a tied note is
+  duration``), in any voice.  Grace notes (no duration) and rests leave no trace; a tied note is
   on for its whole length.  The sequence covers the score up to its last sounding instant.
 - **Split**: fixed, by name: the chorales sorted by the SHA-256 of their corpus names
   (``bwv269``, ``bwv10.7``; a pseudo-random order that depends on nothing else), then the first
@@ -45,12 +49,12 @@ PathLike = str | os.PathLike
 PITCH_LOW, PITCH_HIGH = 21, 108
 N_KEYS = PITCH_HIGH - PITCH_LOW + 1
 #: version of the conversion (part of the cache key: change it when the rule above changes)
-VERSION = 2
+VERSION = 3
 SPLIT_PERCENT = {"train": 60, "val": 20, "test": 20}
 _EPS = 1e-6  # offsets and durations are exact fractions of a quarter; float rounding only
 
 __all__ = ["N_KEYS", "PITCH_HIGH", "PITCH_LOW", "MusicError", "bach_chorales", "chorale_files",
-           "chorale_splits", "piano_roll", "roll_from_notes", "statistics"]
+           "chorale_splits", "piano_roll", "roll_from_notes", "statistics", "voices"]
 
 
 class MusicError(ValueError):
@@ -92,16 +96,28 @@ def _music21():
     return music21
 
 
+VOICES = ("soprano", "alto", "tenor", "bass")
+
+
+def voices(score) -> list:
+    """The vocal parts of a music21 score: those named Soprano..., Alto..., Tenor... or Bass...;
+    all parts when none is so named (module docstring)."""
+    parts = list(getattr(score, "parts", None) or [score])
+    named = [p for p in parts
+             if (getattr(p, "partName", None) or "").strip().lower().split(" ")[0] in VOICES]
+    return named or parts
+
+
 def piano_roll(score) -> np.ndarray:
     """The piano roll (T, 88) uint8 of a music21 score (module docstring's rule)."""
-    flat = score.flatten()
+    parts = voices(score)
     notes = []
-    for n in flat.notes:
-        onset, duration = float(n.offset), float(n.quarterLength)
-        for pitch in n.pitches:
-            notes.append((pitch.midi, onset, duration))
+    for part in parts:
+        for n in part.flatten().notes:
+            onset, duration = float(n.offset), float(n.quarterLength)
+            for pitch in n.pitches:
+                notes.append((pitch.midi, onset, duration))
     phase = 0.0
-    parts = getattr(score, "parts", None) or [score]
     measures = parts[0].getElementsByClass("Measure")
     if len(measures):
         # steps on the beats: a pickup bar missing paddingLeft quarters starts phi into a beat

@@ -68,6 +68,28 @@ def test_piano_roll_of_a_tiny_score():
     assert _keys(music.piano_roll(one)) == [[60, 64, 67]] * 2
 
 
+def test_only_the_voices_are_drawn():
+    pytest.importorskip("music21")
+    from music21 import note, stream
+
+    def part(name, pitch):
+        p = stream.Part([stream.Measure([note.Note(pitch, quarterLength=1)])])
+        p.partName = name
+        return p
+
+    score = stream.Score()
+    for name, pitch in (("Violin 1", "A5"), ("Soprano", "G4"), ("Alto", "E4"), ("Tenor", "C4"),
+                        ("Bass Continuo", "C3"), ("Timpani", "G2")):
+        score.insert(0, part(name, pitch))
+    assert [p.partName for p in music.voices(score)] == ["Soprano", "Alto", "Tenor",
+                                                         "Bass Continuo"]
+    assert _keys(music.piano_roll(score)) == [[48, 60, 64, 67]]
+    unnamed = stream.Score()
+    for pitch in ("G4", "C4"):
+        unnamed.insert(0, part("", pitch))
+    assert _keys(music.piano_roll(unnamed)) == [[60, 67]]  # no voice names: every part
+
+
 def test_fixed_split_by_name():
     import hashlib
 
