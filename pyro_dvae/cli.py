@@ -435,7 +435,7 @@ _CHECKPOINT_HELP = "run directory written by 'pyro-dvae fit' (config.json and be
 
 
 def _require_speech(config: dict, run_dir, command: str) -> None:
-    """``resynth`` and ``generate`` write audio: a run trained on other data is refused (one line)."""
+    """``resynth`` and ``generate`` write audio: refuse a run trained on other data (one line)."""
     from .data import N_FREQ, is_array_file
 
     x_dim = config.get("x_dim")
