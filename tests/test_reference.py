@@ -395,3 +395,20 @@ def test_fit_init_from_an_imported_run(tmp_path):
     result = runner.invoke(cli, [*TINY, "--init-from", str(tmp_path / "nothing"), "--out",
                                  str(tmp_path / "c")])
     assert result.exit_code == 1 and "no such run directory" in result.output
+
+
+def test_runs_from_before_the_conventions_change_warn(tmp_path):
+    """A run whose config.json has no "architecture" was written before SRNN, STORN, VRNN and the
+    RVAEs took the authors' conventions: it loads, with a warning that says so."""
+    run = import_reference(synthetic(tmp_path, "SRNN"), tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["architecture"]
+    cfg["model_options"] = {}
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="before pyro-dvae's srnn took the authors' first-step"):
+        load_run(run)
+    vae = import_reference(synthetic(tmp_path, "VAE"), tmp_path / "vae")
+    cfg = json.loads((vae / "config.json").read_text())
+    del cfg["architecture"]
+    (vae / "config.json").write_text(json.dumps(cfg))
+    load_run(vae)  # the VAE did not change: no warning (warnings are errors in the tests)

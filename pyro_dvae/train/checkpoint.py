@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -126,6 +127,11 @@ def _read_config(run_dir: Path) -> dict:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
 
 
+#: models whose first-step conventions or concatenation orders became the authors' (DVAE-speech)
+#: in the "conventions" change; runs written before it have no "architecture" in config.json
+CONVENTIONS_CHANGED = ("srnn", "storn", "vrnn", "rvae-causal", "rvae-noncausal")
+
+
 def load_run(run_dir: Union[str, Path], which: str = "best"):
     """Rebuild the registered model and guide of a run directory and load its weights.
 
@@ -151,6 +157,11 @@ def load_run(run_dir: Union[str, Path], which: str = "best"):
     if ckpt.get("model_name") != name:
         raise CheckpointError(f"{ckpt_path}: holds weights of model {ckpt.get('model_name')!r}, "
                               f"but config.json says {name!r}")
+    if name in CONVENTIONS_CHANGED and "architecture" not in config:
+        warnings.warn(f"{run_dir} was written before pyro-dvae's {name} took the authors' "
+                      "first-step conventions and concatenation orders: its weights load, but "
+                      "the model they now define is not the one that was trained; retrain it",
+                      stacklevel=2)
     guide_name = config.get("guide") or REGISTRY[name].default_guide
     if guide_name not in REGISTRY[name].guides:
         raise CheckpointError(f"{run_dir}: guide {guide_name!r} is not registered for {name!r} "
