@@ -48,7 +48,7 @@ from pyro.distributions import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
-from ..distributions.kalman import LinearGaussianSSM, _mvn_log_prob_tril, cholesky
+from ..distributions.kalman import METHODS, LinearGaussianSSM, _mvn_log_prob_tril, cholesky
 from ..nn import MLP, RNN, shift_right
 from .base import DVAE, kl_weight, use_mean
 
@@ -64,10 +64,15 @@ class KVAE(DVAE):
 
     def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, a_dim=32, K=10,
                  alpha_hidden=50, vae_epochs=5, init_scale=0.05, transition_var=0.08,
-                 emission_var=0.03, init_var=20.0, kalman_dtype="float64"):
+                 emission_var=0.03, init_var=20.0, kalman_dtype="float64", kalman_method="auto"):
         super().__init__(x_dim, z_dim, likelihood, u_dim)
         if kalman_dtype not in ("float32", "float64"):
             raise ValueError(f"kvae: kalman_dtype must be float32 or float64, got {kalman_dtype!r}")
+        if kalman_method not in METHODS:
+            raise ValueError(f"kvae: kalman_method must be one of {', '.join(METHODS)}, got "
+                             f"{kalman_method!r}")
+        #: how the Kalman filter, smoother and sampler run over time (distributions/kalman.py)
+        self.kalman_method = kalman_method
         #: dtype of the Kalman filter/smoother (float64 by default: see ssm())
         self.kalman_dtype = kalman_dtype
         self.a_dim, self.K, self.vae_epochs = int(a_dim), int(K), int(vae_epochs)
@@ -90,6 +95,13 @@ class KVAE(DVAE):
         self.alpha_rnn = RNN(D, alpha_hidden)
         self.alpha_out = nn.Linear(alpha_hidden, self.K)
         self._kalman_cache = None
+
+    def __getstate__(self):
+        # the Kalman cache of the last guide run holds non-leaf tensors (an autograd graph), which
+        # deepcopy and pickle refuse (issue 12, item 11)
+        state = super().__getstate__()
+        state["_kalman_cache"] = None
+        return state
 
     # ---- the LG-LDS ---------------------------------------------------------------------------
     def _mix(self, alpha: torch.Tensor):
@@ -130,7 +142,8 @@ class KVAE(DVAE):
         dt = getattr(torch, self.kalman_dtype) if a.dtype != torch.float64 else a.dtype
         init_loc = a.new_zeros(self.z_dim, dtype=dt)
         return LinearGaussianSSM(init_loc, self.init_cov.to(dt), A.to(dt), C.to(dt),
-                                 self.Q.to(dt), self.R.to(dt), offset=offset.to(dt))
+                                 self.Q.to(dt), self.R.to(dt), offset=offset.to(dt),
+                                 method=self.kalman_method)
 
     def exact_posterior(self, values, u: Optional[torch.Tensor] = None,
                         mask: Optional[torch.Tensor] = None):

@@ -74,9 +74,10 @@ def ancestral_log_joint(model, a, z, mask):
     return total
 
 
-def test_model_density_is_the_ancestral_joint():
+@pytest.mark.parametrize("method", ["scan", "sequential"])
+def test_model_density_is_the_ancestral_joint(method):
     """Sites a_1..a_T, z_T..z_1 of the model (p(a) p(z | a)) give log p(a, z) of 6.7 exactly."""
-    model, guide = small()
+    model, guide = small(kalman_method=method)
     x, mask = data()
     with torch.no_grad():   # a non-trivial mixture and LDS
         for p in (model.A_bank, model.B_bank, model.C_bank):
@@ -109,10 +110,11 @@ def test_model_without_guide_per_step_path():
     assert (tr.nodes["a_7"]["log_prob"][0] == 0) and (tr.nodes["a_7"]["log_prob"][1] != 0)
 
 
-def test_z_sites_are_the_exact_posterior():
+@pytest.mark.parametrize("method", ["scan", "sequential"])
+def test_z_sites_are_the_exact_posterior(method):
     """Given a, every z draw of the guide gives the same log weight log p(x, a, z) - log q(a, z)
     (q(z | a) is the exact posterior): the z sites add no Monte Carlo noise."""
-    model, guide = small()
+    model, guide = small(kalman_method=method)
     x, mask = data()
     gt, _ = traces(model, guide, x, mask)
     a_sites = {f"a_{t + 1}": gt.nodes[f"a_{t + 1}"]["value"] for t in range(T)}
@@ -180,6 +182,8 @@ def test_frozen_parameters_phases():
     assert not hasattr(guide, "frozen_parameters") or not guide.frozen_parameters(0)
     with pytest.raises(ValueError, match="vae_epochs"):
         KVAE(x_dim=F, vae_epochs=-1)
+    with pytest.raises(ValueError, match="kalman_method"):
+        KVAE(x_dim=F, kalman_method="fast")
 
 
 def _snapshot(module):
@@ -302,10 +306,11 @@ def test_cli_fit_kvae(tmp_path):
     assert all(torch.isfinite(torch.tensor(hist["val_loss"])))
 
 
-def test_float32_long_padding_with_unstable_dynamics():
+@pytest.mark.parametrize("method", ["scan", "sequential"])
+def test_float32_long_padding_with_unstable_dynamics(method):
     """Regression: a learned A with eigenvalues above 1 and 140 padded frames made the predicted
     covariance grow to ~1e7 and float32 Cholesky fail (now: float64 Kalman part, jitter)."""
-    model, guide = pyro_dvae.build("kvae", x_dim=F, z_dim=4, a_dim=5, K=2)
+    model, guide = pyro_dvae.build("kvae", x_dim=F, z_dim=4, a_dim=5, K=2, kalman_method=method)
     with torch.no_grad():
         model.A_bank.copy_(1.07 * torch.eye(4).expand(2, 4, 4))
     x = torch.rand(2, 150, F) + 0.05
@@ -336,3 +341,24 @@ def test_driven_mode_input_enters_the_lds():
     assert (diff[:, :3] == 0).all() and (diff[:, 3:] > 0).all()
     loss = Trace_ELBO().loss(model.model, guide, x, u, mask)
     assert torch.isfinite(torch.tensor(loss))
+
+
+def test_deepcopy_and_check_posterior_after_a_guide_only_run():
+    """Issue 12 item 11: a guide run leaves the Kalman cache (an autograd graph) on the model;
+    deepcopy (and so check_posterior, which copies model and guide) refused it."""
+    import copy
+    import pickle
+
+    from pyro_dvae import check_posterior
+
+    model, guide = small()
+    x, mask = data()
+    poutine.trace(guide).get_trace(x, None, mask)
+    assert model._kalman_cache is not None          # the state that used to fail
+    model2, guide2 = copy.deepcopy((model, guide))
+    assert model2._kalman_cache is None and guide2.model is model2
+    pickle.dumps(model)
+    report = check_posterior(model.model, guide, x[:2, :6])
+    assert report is not None
+    # the original keeps its cache: the next model call still shares the guide's filter
+    assert model._kalman_cache is not None
