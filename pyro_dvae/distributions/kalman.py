@@ -153,6 +153,8 @@ class _Observations(NamedTuple):
     a: torch.Tensor
     #: Lambda_t = C'_t^T C'_t, (..., T, L, L)
     info: torch.Tensor
+    #: zeta_t = C'_t^T a'_t, (..., T, L)
+    zeta: torch.Tensor
     #: -log|L_R| - D/2 log 2 pi, (..., 1 or T)
     log_norm: torch.Tensor
 
@@ -161,7 +163,13 @@ class _Observations(NamedTuple):
         """From C (..., T, D, L), R (..., 1 or T, D, D) and a (..., T, D)."""
         D = C.shape[-2]
         R = _sym(R)
-        if R.dim() == 3 and R.shape[0] == 1:
+        if R.dim() == 3 and R.shape[0] == 1 and not bool(torch.count_nonzero(
+                R[0] - torch.diag_embed(torch.diagonal(R[0])))):
+            # constant diagonal noise (KVAE's): scale rows
+            L_R = torch.diag_embed(torch.diagonal(R[0]).sqrt())
+            w = torch.diagonal(R[0]).rsqrt()
+            Ct, aw = C.mT * w, a * w
+        elif R.dim() == 3 and R.shape[0] == 1:
             # constant noise: one triangular inverse and GEMMs over all steps
             L_R = cholesky(R[0])
             W = torch.linalg.solve_triangular(
@@ -173,8 +181,9 @@ class _Observations(NamedTuple):
             aw = torch.linalg.solve_triangular(L_R, a.unsqueeze(-1), upper=False).squeeze(-1)
         log_norm = (-torch.diagonal(L_R, dim1=-2, dim2=-1).log().sum(-1)
                     - 0.5 * D * math.log(2 * math.pi))
-        return _Observations(Ct, aw, Ct @ Ct.mT, log_norm.expand(aw.shape[:-2] + (1,))
-                             if log_norm.dim() == 0 else log_norm)
+        return _Observations(Ct, aw, Ct @ Ct.mT, _mv(Ct, aw),
+                             log_norm.expand(aw.shape[:-2] + (1,)) if log_norm.dim() == 0
+                             else log_norm)
 
 
 class _Update(NamedTuple):
@@ -182,44 +191,52 @@ class _Update(NamedTuple):
 
     loc: torch.Tensor
     cov: torch.Tensor
-    log_lik: torch.Tensor
+    #: log p(a | past), or None when not asked for
+    log_lik: torch.Tensor | None
     #: Cholesky factor U of the predicted covariance
     pred_tril: torch.Tensor
+    #: chol(G), G = I + U^T Lambda U
+    tril_G: torch.Tensor
     #: V^T = L_G^{-1} U^T (V V^T = the updated covariance, before masking)
     Vt: torch.Tensor
-    #: C'^T y' (whitened innovation y' = a' - C' m_pred)
+    #: C'^T y' = zeta - Lambda m_pred (whitened innovation y' = a' - C' m_pred)
     r: torch.Tensor
     #: V^T r
     s: torch.Tensor
 
 
 def _update(m_pred: torch.Tensor, P_pred: torch.Tensor, obs: _Observations,
-            mask: torch.Tensor | None = None) -> _Update:
+            mask: torch.Tensor | None = None, log_lik: bool = True) -> _Update:
     """Measurement update (3.17) of N(m_pred, P_pred) by a = C z + v, in square-root form.
 
     With U U^T = P_pred and G = I + U^T Lambda U = L_G L_G^T (eigenvalues >= 1), V = U L_G^{-T}:
     the gain K y = V V^T C'^T y', the updated covariance P - K C P = V V^T (PSD by construction),
-    and by the determinant lemma and Woodbury log N(a; C m, C P C^T + R) = -1/2 (|y'|^2 -
-    |V^T C'^T y'|^2) - log|L_G| - log|L_R| - D/2 log 2 pi.  Works for one step (..., L) or all
-    steps at once (..., T, L).  Where ``mask`` is False the prediction is kept and the
-    log-likelihood is 0.
+    and the log-likelihood is :func:`_log_lik`.  Works for one step (..., L) or all steps at once
+    (..., T, L).  Where ``mask`` is False the prediction is kept (and the log-likelihood is 0).
     """
     eye = torch.eye(P_pred.shape[-1], dtype=P_pred.dtype, device=P_pred.device)
     U = cholesky(P_pred)
     L_G = cholesky(eye + U.mT @ obs.info @ U)
     Vt = torch.linalg.solve_triangular(L_G, U.mT, upper=False)
-    y = obs.a - _mv(obs.Ct.mT, m_pred)
-    r = _mv(obs.Ct, y)
+    r = obs.zeta - _mv(obs.info, m_pred)
     s = _mv(Vt, r)
     m = m_pred + _mv(Vt.mT, s)
     P = _sym(Vt.mT @ Vt)
-    ll = (-0.5 * ((y ** 2).sum(-1) - (s ** 2).sum(-1))
-          - torch.diagonal(L_G, dim1=-2, dim2=-1).log().sum(-1) + obs.log_norm)
     if mask is not None:
         m = torch.where(mask.unsqueeze(-1), m, m_pred)
         P = torch.where(mask[..., None, None], P, P_pred)
-        ll = torch.where(mask, ll, torch.zeros_like(ll))
-    return _Update(m, P, ll, U, Vt, r, s)
+    ll = _log_lik(obs, m_pred, L_G, s, mask) if log_lik else None
+    return _Update(m, P, ll, U, L_G, Vt, r, s)
+
+
+def _log_lik(obs: _Observations, m_pred: torch.Tensor, L_G: torch.Tensor, s: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+    """log N(a; C m_pred, C P C^T + R) = -1/2 (|y'|^2 - |V^T C'^T y'|^2) - log|L_G| - log|L_R|
+    - D/2 log 2 pi (determinant lemma and Woodbury), 0 where ``mask`` is False."""
+    y = obs.a - _mv(obs.Ct.mT, m_pred)
+    ll = (-0.5 * ((y ** 2).sum(-1) - (s ** 2).sum(-1))
+          - torch.diagonal(L_G, dim1=-2, dim2=-1).log().sum(-1) + obs.log_norm)
+    return ll if mask is None else torch.where(mask, ll, torch.zeros_like(ll))
 
 
 # ---- associative scans over time (Sarkka and Garcia-Fernandez 2021) ---------------------------
@@ -403,30 +420,31 @@ class LinearGaussianSSM(TorchDistribution):
         m = self.init_loc.expand(shape + self.init_loc.shape[-1:])
         P = self.init_cov.expand(shape + self.init_cov.shape[-2:])
         obs = _Observations.whiten(self.C, self._R, a.expand(shape + a.shape[-2:]))
-        out = {k: [] for k in KalmanFilterResult._fields}
+        out = {k: [] for k in ("pred_loc", "pred_cov", "loc", "cov", "pred_tril", "L_G", "s")}
         # unbind the time dimension once: indexing inside the loop would make every step's
         # backward pass write a full-size zero gradient
         As = self.A.unbind(-3)
         Qs = self._Q.unbind(-3) if self._Q.shape[-3] > 1 else [self._Q[..., 0, :, :]] * T
         bs = self.offset.unbind(-2)
-        Ct, aw, info = obs.Ct.unbind(-3), obs.a.unbind(-2), obs.info.unbind(-3)
-        norm = obs.log_norm.unbind(-1) if obs.log_norm.shape[-1] > 1 else [
-            obs.log_norm[..., 0]] * T
-        mask_t = [None] * T if mask is None else mask.bool().unbind(-1)
+        info, zeta = obs.info.unbind(-3), obs.zeta.unbind(-2)
+        mask = None if mask is None else mask.bool()
+        mask_t = [None] * T if mask is None else mask.unbind(-1)
         for t in range(T):
             # predict (3.16): z_t | a_{1:t-1}
             m_pred = _mv(As[t], m) + bs[t]
             P_pred = _sym(As[t] @ P @ As[t].mT + Qs[t])
-            upd = _update(m_pred, P_pred, _Observations(Ct[t], aw[t], info[t], norm[t]),
-                          mask_t[t])
+            upd = _update(m_pred, P_pred, _Observations(None, None, info[t], zeta[t], None),
+                          mask_t[t], log_lik=False)
             m, P = upd.loc, upd.cov
-            for k, v in zip(KalmanFilterResult._fields, (m_pred, P_pred, m, P, upd.log_lik,
-                                                         upd.pred_tril)):
+            for k, v in zip(out, (m_pred, P_pred, m, P, upd.pred_tril, upd.tril_G, upd.s)):
                 out[k].append(v)
+        pred_loc = torch.stack(out["pred_loc"], -2)
+        # the log-likelihoods of all steps at once (they do not feed the recursion)
+        ll = _log_lik(obs, pred_loc, torch.stack(out["L_G"], -3), torch.stack(out["s"], -2),
+                      mask)
         return KalmanFilterResult(
-            torch.stack(out["pred_loc"], -2), torch.stack(out["pred_cov"], -3),
-            torch.stack(out["loc"], -2), torch.stack(out["cov"], -3),
-            torch.stack(out["log_lik"], -1), torch.stack(out["pred_tril"], -3))
+            pred_loc, torch.stack(out["pred_cov"], -3), torch.stack(out["loc"], -2),
+            torch.stack(out["cov"], -3), ll, torch.stack(out["pred_tril"], -3))
 
     def _filter_scan(self, a: torch.Tensor, mask: torch.Tensor | None) -> KalmanFilterResult:
         """The filter as a parallel scan (Sarkka and Garcia-Fernandez 2021, Lemmas 7-8).
@@ -497,8 +515,11 @@ class LinearGaussianSSM(TorchDistribution):
         J = torch.cholesky_solve(A_next @ P, L_pred).mT
         eye = torch.eye(self.state_dim, dtype=P.dtype, device=P.device)
         IJA = eye - J @ A_next
-        Q_next = self._Q[..., 1:, :, :] if self._Q.shape[-3] > 1 else self._Q
-        cond_cov = _sym(IJA @ P @ IJA.mT + J @ Q_next @ J.mT)
+        if self._Q.dim() == 3 and self._Q.shape[0] == 1:
+            JQ = J @ _sym(self._Q[0])          # constant Q: one GEMM over all steps
+        else:
+            JQ = J @ _sym(self._Q[..., 1:, :, :] if self._Q.shape[-3] > 1 else self._Q)
+        cond_cov = _sym(IJA @ P @ IJA.mT + JQ @ J.mT)
         c = filt.loc[..., :-1, :] - _mv(J, filt.pred_loc[..., 1:, :])
         return (torch.cat([J, torch.zeros_like(filt.cov[..., -1:, :, :])], -3),
                 torch.cat([c, filt.loc[..., -1:, :]], -2),
@@ -641,10 +662,9 @@ class KalmanPosterior(TorchDistribution):
             return associative_scan(_backward_combine, (J.movedim(-3, 0), c.movedim(-2, 0)),
                                     reverse=True)[1].movedim(0, -2)
         z, zs = None, []
-        offsets, gains = self.offset.unbind(-2), self.gain.unbind(-3)
-        trils, eps = self.scale_tril.unbind(-3), eps.unbind(-2)
+        cs, gains = (self.offset + _mv(self.scale_tril, eps)).unbind(-2), self.gain.unbind(-3)
         for t in range(self.T - 1, -1, -1):
-            z = offsets[t] + _mv(trils[t], eps[t]) + (0 if z is None else _mv(gains[t], z))
+            z = cs[t] if z is None else cs[t] + _mv(gains[t], z)
             zs.append(z)
         return torch.stack(zs[::-1], -2)
 

@@ -31,6 +31,11 @@ Masks (padded frames): a masked a_t is a missing observation of the LDS -- q(a_t
 p(a_t | a_{1:t-1}) are zeroed there and both Kalman filters (model and guide) skip its update -- and
 x_t is masked as usual.  The z_t sites are not masked: model and guide give them the same density.
 
+Kalman algebra: the mixing weights depend on a_{0:t-1} only, so A_t, B_t, C_t of all steps are
+known before filtering and the filter, smoother and sampler can run as a parallel scan over time
+(``-o kalman_method=scan``) or step by step (``sequential``); ``auto`` (default) takes the scan on
+an accelerator and the recursion on CPU (distributions/kalman.py; benchmarks/kalman_scan.py).
+
 Training (13.1.2): two phases, the VAE part first with the LDS frozen (``vae_epochs`` epochs, see
 :meth:`KVAE.frozen_parameters`), then everything.  Reconstruction follows 13.1.2: a_t from the
 encoder, the Kalman filter's E[z_t | a_{1:t}], a~_t = C_t E[z_t | a_{1:t}] (3.17), decoded.
