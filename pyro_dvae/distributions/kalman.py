@@ -206,13 +206,14 @@ class _Update(NamedTuple):
 
 
 def _update(m_pred: torch.Tensor, P_pred: torch.Tensor, obs: _Observations,
-            mask: torch.Tensor | None = None, log_lik: bool = True) -> _Update:
+            mask: torch.Tensor | None = None, log_lik: bool = True, cov: bool = True) -> _Update:
     """Measurement update (3.17) of N(m_pred, P_pred) by a = C z + v, in square-root form.
 
     With U U^T = P_pred and G = I + U^T Lambda U = L_G L_G^T (eigenvalues >= 1), V = U L_G^{-T}:
     the gain K y = V V^T C'^T y', the updated covariance P - K C P = V V^T (PSD by construction),
     and the log-likelihood is :func:`_log_lik`.  Works for one step (..., L) or all steps at once
     (..., T, L).  Where ``mask`` is False the prediction is kept (and the log-likelihood is 0).
+    Without ``cov`` (or ``log_lik``) that output is None.
     """
     eye = torch.eye(P_pred.shape[-1], dtype=P_pred.dtype, device=P_pred.device)
     U = cholesky(P_pred)
@@ -221,10 +222,10 @@ def _update(m_pred: torch.Tensor, P_pred: torch.Tensor, obs: _Observations,
     r = obs.zeta - _mv(obs.info, m_pred)
     s = _mv(Vt, r)
     m = m_pred + _mv(Vt.mT, s)
-    P = _sym(Vt.mT @ Vt)
+    P = _sym(Vt.mT @ Vt) if cov else None
     if mask is not None:
         m = torch.where(mask.unsqueeze(-1), m, m_pred)
-        P = torch.where(mask[..., None, None], P, P_pred)
+        P = None if P is None else torch.where(mask[..., None, None], P, P_pred)
     ll = _log_lik(obs, m_pred, L_G, s, mask) if log_lik else None
     return _Update(m, P, ll, U, L_G, Vt, r, s)
 
@@ -420,7 +421,7 @@ class LinearGaussianSSM(TorchDistribution):
         m = self.init_loc.expand(shape + self.init_loc.shape[-1:])
         P = self.init_cov.expand(shape + self.init_cov.shape[-2:])
         obs = _Observations.whiten(self.C, self._R, a.expand(shape + a.shape[-2:]))
-        out = {k: [] for k in ("pred_loc", "pred_cov", "loc", "cov", "pred_tril", "L_G", "s")}
+        out = {k: [] for k in ("pred_loc", "pred_cov", "loc", "root", "pred_tril", "L_G", "s")}
         # unbind the time dimension once: indexing inside the loop would make every step's
         # backward pass write a full-size zero gradient
         As = self.A.unbind(-3)
@@ -429,22 +430,31 @@ class LinearGaussianSSM(TorchDistribution):
         info, zeta = obs.info.unbind(-3), obs.zeta.unbind(-2)
         mask = None if mask is None else mask.bool()
         mask_t = [None] * T if mask is None else mask.unbind(-1)
+        root = None   # a square root of P_{t-1|t-1}: V of the update, or U where a_t is missing
         for t in range(T):
             # predict (3.16): z_t | a_{1:t-1}
             m_pred = _mv(As[t], m) + bs[t]
-            P_pred = _sym(As[t] @ P @ As[t].mT + Qs[t])
+            if root is None:
+                P_pred = _sym(As[t] @ P @ As[t].mT + Qs[t])
+            else:
+                X = As[t] @ root
+                P_pred = _sym(X @ X.mT + Qs[t])
             upd = _update(m_pred, P_pred, _Observations(None, None, info[t], zeta[t], None),
-                          mask_t[t], log_lik=False)
-            m, P = upd.loc, upd.cov
-            for k, v in zip(out, (m_pred, P_pred, m, P, upd.pred_tril, upd.tril_G, upd.s)):
+                          mask_t[t], log_lik=False, cov=False)
+            m, root = upd.loc, upd.Vt.mT
+            if mask_t[t] is not None:
+                root = torch.where(mask_t[t][..., None, None], root, upd.pred_tril)
+            for k, v in zip(out, (m_pred, P_pred, m, root, upd.pred_tril, upd.tril_G, upd.s)):
                 out[k].append(v)
         pred_loc = torch.stack(out["pred_loc"], -2)
-        # the log-likelihoods of all steps at once (they do not feed the recursion)
+        # what does not feed the recursion, for all steps at once: P_{t|t} = root root^T and the
+        # log-likelihoods
         ll = _log_lik(obs, pred_loc, torch.stack(out["L_G"], -3), torch.stack(out["s"], -2),
                       mask)
+        root = torch.stack(out["root"], -3)
         return KalmanFilterResult(
             pred_loc, torch.stack(out["pred_cov"], -3), torch.stack(out["loc"], -2),
-            torch.stack(out["cov"], -3), ll, torch.stack(out["pred_tril"], -3))
+            _sym(root @ root.mT), ll, torch.stack(out["pred_tril"], -3))
 
     def _filter_scan(self, a: torch.Tensor, mask: torch.Tensor | None) -> KalmanFilterResult:
         """The filter as a parallel scan (Sarkka and Garcia-Fernandez 2021, Lemmas 7-8).
