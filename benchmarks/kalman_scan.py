@@ -114,8 +114,11 @@ def main():
           f"median of {args.repeats}); sequential steps in brackets")
     gen = torch.Generator().manual_seed(0)
     for T in args.T:
-        res = {m: statistics.median(_kalman_part(T, args.batch, m, gen)
-                                    for _ in range(args.repeats)) for m in args.methods}
+        runs = {m: [] for m in args.methods}
+        for _ in range(args.repeats):   # interleaved, as above
+            for m in args.methods:
+                runs[m].append(_kalman_part(T, args.batch, m, gen))
+        res = {m: statistics.median(v) for m, v in runs.items()}
         depth = {"sequential": 2 * T, "scan": 2 * _levels(T)}   # filter + backward pass
         print(f"T {T:5d}  " + "  ".join(f"{m} {v:.3f} s [{depth[m]}]" for m, v in res.items()),
               flush=True)
