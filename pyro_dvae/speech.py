@@ -64,13 +64,17 @@ PAPER_TABLE = {
 
 
 # ---- resynthesis -----------------------------------------------------------------------------
-def model_reconstructor(model, guide) -> Reconstructor:
+def model_reconstructor(model, guide, sample: bool = False) -> Reconstructor:
     """``x -> model.reconstruct(guide, x)``: E[x_t | z] with z at the guide's means (the Gamma
-    mean sigma^2 for the Itakura-Saito likelihood), in the model's dtype and device."""
+    mean sigma^2 for the Itakura-Saito likelihood), in the model's dtype and device.
+
+    ``sample=True``: z drawn from the guide instead (the reference implementation draws z even in
+    eval mode, so its published scores come from one draw per file; seed with ``pyro.set_rng_seed``
+    for repeatable numbers)."""
     param = next(model.parameters())
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        return model.reconstruct(guide, x.to(param.dtype).to(param.device)).cpu()
+        return model.reconstruct(guide, x.to(param.dtype).to(param.device), sample=sample).cpu()
 
     return reconstruct
 

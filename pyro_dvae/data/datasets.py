@@ -176,11 +176,11 @@ def cache_directory(cache_dir: PathLike | None = None) -> Path:
 # --------------------------------------------------------------------------- features
 
 
-def _features(wave: np.ndarray, name: str, top_db: float) -> tuple[np.ndarray, np.ndarray,
-                                                                     np.ndarray]:
+def _features(wave: np.ndarray, name: str, top_db: float, trim_pad: str = "reflect"
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Trimmed, peak-normalised float32 wave and its (power, phase); AudioError if silent."""
     wave = peak_normalize(trim_silence(np.asarray(wave, dtype=np.float32), top_db,
-                                       SILENCE_FLOOR_DB, name=name))
+                                       SILENCE_FLOOR_DB, name=name, pad=trim_pad))
     power, phase = power_spectrogram(wave.astype(np.float64))
     return wave.astype(np.float32), power, phase
 
@@ -314,9 +314,11 @@ def load_splits(data: PathLike | None = None, seq_len: int = 150,
 
 
 def load_utterances(data: PathLike | None = None, split: str = "test", *,
-                    top_db: float = TRIM_TOP_DB, progress: bool = False) -> list[Utterance]:
+                    top_db: float = TRIM_TOP_DB, progress: bool = False,
+                    trim_pad: str = "reflect") -> list[Utterance]:
     """Whole utterances of a split for evaluation (13.2.1): trimmed, peak-normalised waveform,
-    power spectrogram and phase, variable length.  Not cached (the test split is small)."""
+    power spectrogram and phase, variable length.  Not cached (the test split is small).
+    ``trim_pad``: the padding of the trimming rule (:func:`~pyro_dvae.data.audio.trim_silence`)."""
     _, items = _sources(data, split)
     iterator = items
     if progress:
@@ -325,7 +327,7 @@ def load_utterances(data: PathLike | None = None, split: str = "test", *,
     out = []
     for name, label, load in iterator:
         try:
-            wave, power, phase = _features(load(), label, top_db)
+            wave, power, phase = _features(load(), label, top_db, trim_pad)
         except AudioError as err:
             warnings.warn(f"skipping {err}", stacklevel=2)
             continue
