@@ -85,10 +85,9 @@ def side_by_side(results: list) -> str:
 def write_all(results: list, args, out: Path) -> str:
     import torch
 
-    from pyro_dvae.registry import REGISTRY
-    from pyro_dvae.speech import _json_safe, format_table
+    from pyro_dvae.speech import PAPER_TABLE, _json_safe, format_table
 
-    order = list(REGISTRY)
+    order = list(PAPER_TABLE)  # the paper's row order
     results = sorted(results, key=lambda r: order.index(r["model"]) if r["model"] in order
                      else len(order))
     summaries = {r["model"]: r["summary"] for r in results}
