@@ -7,14 +7,15 @@ reference's trimming and framing, latents at their guide means) and writes to ``
 
 - ``table.md``: every metric's test-set mean and median [95 % confidence interval], and Table 13.1
   of the paper (WSJ0 test set) beside our scores on the same scales (RMSE-paper, PESQ-paper,
-  STOI);
+  STOI), with ``--val-loss`` each model's validation loss on ``DATA/val``;
 - ``results.json``: the summaries, the checkpoint of each row and the evaluation settings; the
   per-file scores are in ``OUT/runs/<model>/eval_test.json`` / ``.csv``.
 
 Not a unit test.  Example (the numbers in README.md)::
 
     nice python benchmarks/reference_table.py --data ../shared/data/speech16k \\
-        --reference ../shared/reference/DVAE-speech/saved_model --out benchmarks/results/reference
+        --reference ../shared/reference/DVAE-speech/saved_model --val-loss \\
+        --out benchmarks/results/reference
 
 ``--reuse`` keeps runs (and their evaluations) already in ``OUT/runs/``.  The imported weights
 (``best.pt``) are not committed: the command recreates them from the checkpoints.
@@ -64,7 +65,25 @@ def import_and_evaluate(config: Path, checkpoint: Path, args, out: Path) -> dict
         result = evaluate_run(run_dir, args.data, "test", workers=args.workers, progress=False)
     return {"model": name, "checkpoint": str(checkpoint), "run_dir": str(run_dir),
             "summary": result["summary"], "n_files": result["n_files"],
-            "framing": result.get("framing"), "eval_seconds": time.perf_counter() - t0}
+            "framing": result.get("framing"), "eval_seconds": time.perf_counter() - t0,
+            "val_loss": validation_loss(run_dir, args.data) if args.val_loss else None}
+
+
+def validation_loss(run_dir: Path, data: str) -> float:
+    """The imported model's negative VLB per frame on ``DATA/val`` (sequences of T = 150): the
+    validation loss ``pyro-dvae fit`` reports, so that a run trained on ``DATA`` can be set
+    beside it."""
+    import warnings
+
+    from pyro_dvae.data.datasets import load_splits
+    from pyro_dvae.train import load_run
+    from pyro_dvae.train.validation import evaluate_loss
+
+    model, guide, _ = load_run(run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short pieces left out, as in training
+        val = load_splits(data, 150, ("val",))["val"]
+    return evaluate_loss(model, guide, val)
 
 
 def side_by_side(results: list) -> str:
@@ -73,12 +92,16 @@ def side_by_side(results: list) -> str:
 
     lines = ["| model | RMSE-paper (ours) | RMSE (paper) | PESQ-paper (ours) | PESQ (paper) "
              "| STOI (ours) | STOI (paper) |", "|" + "---|" * 7]
+    if any(r.get("val_loss") is not None for r in results):
+        lines[0] += " validation loss on DATA/val |"
+        lines[1] += "---|"
     for r in results:
         s, p = r["summary"], PAPER_TABLE.get(r["model"], {})
+        tail = f" {r['val_loss']:.1f} |" if r.get("val_loss") is not None else ""
         lines.append(f"| {p.get('label', r['model'])} | {s['rmse_paper']['mean']:.4f} | "
                      f"{p.get('rmse', float('nan')):.4f} | {s['pesq_paper']['mean']:.2f} | "
                      f"{p.get('pesq', float('nan')):.2f} | {s['stoi']['mean']:.3f} | "
-                     f"{p.get('stoi', float('nan')):.2f} |")
+                     f"{p.get('stoi', float('nan')):.2f} |" + tail)
     return "\n".join(lines)
 
 
@@ -128,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/reference")
     p.add_argument("--reuse", action="store_true",
                    help="reuse imports and evaluations found in OUT/runs/")
+    p.add_argument("--val-loss", action="store_true",
+                   help="also each model's validation loss on DATA/val (negative VLB per frame)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
