@@ -137,19 +137,6 @@ def train_and_evaluate(name: str, args) -> dict:
             "commands": [" ".join(fit[2:])]}
 
 
-def data_statistics(path: str) -> dict:
-    """Sequences, steps, shortest and longest sequence and keys on per step of each split."""
-    from pyro_dvae.data import read_arrays
-
-    out = {}
-    for split, arrays in read_arrays(path).items():
-        lengths = [len(x) for x in arrays.x]
-        out[split] = {"sequences": len(lengths), "steps": sum(lengths),
-                      "min_length": min(lengths), "max_length": max(lengths),
-                      "mean_active_keys": float(sum(x.sum() for x in arrays.x)) / sum(lengths)}
-    return out
-
-
 def write_table(results: list, args, stats: dict, path: Path) -> str:
     rows = ["| model (guide) | test NLL per step, K = %d (± s.e.) | test -ELBO per step | "
             "median ESS | best val loss | epochs (best) | train time | published, JSB |"
@@ -166,9 +153,10 @@ def write_table(results: list, args, stats: dict, path: Path) -> str:
     text = "\n".join([
         f"Data: {Path(args.data).name}: "
         + "; ".join(f"{split} {s['sequences']} sequences, {s['steps']} steps (length "
-                    f"{s['min_length']}-{s['max_length']}, {s['mean_active_keys']:.1f} keys on "
-                    "per step)" for split, s in stats.items()) + "; the test NLL is over the "
-        "whole test sequences.",
+                    f"{s['min_length']}-{s['max_length']}, mean {s['mean_length']:.1f}; "
+                    f"{s['mean_active_keys']:.1f} keys on per step)"
+                    for split, s in stats.items())
+        + "; the test NLL is over the whole test sequences.",
         f"Training: Bernoulli likelihood, at most {args.epochs} epochs"
         + ("" if args.minutes is None else f" or {args.minutes:g} min of wall time")
         + f" per model, Adam lr {args.lr:g}, "
@@ -220,12 +208,10 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs and evaluations found in OUT/runs/")
     args = p.parse_args(argv)
-    if args.data is None:
-        from pyro_dvae.data.music import bach_chorales
+    from pyro_dvae.data.music import bach_chorales, statistics
 
-        args.data = str(bach_chorales(progress=True))
-    args.data = str(Path(args.data).resolve())
-    stats = data_statistics(args.data)
+    args.data = str(Path(args.data).resolve() if args.data else bach_chorales(progress=True))
+    stats = statistics(args.data)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
