@@ -101,7 +101,7 @@ def train_and_evaluate(name: str, args) -> dict:
            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size",
            str(args.batch_size), "--seq-len", str(args.seq_len), "--patience",
            str(args.patience), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--out", str(run_dir), "-q"]
+           "--kl-warmup", str(args.kl_warmup), "--out", str(run_dir), "-q"]
     for opt in _options(args.model_option, name):
         fit += ["-o", opt]
     finished = (run_dir / "history.json").is_file() and (run_dir / "best.pt").is_file()
@@ -160,7 +160,8 @@ def write_table(results: list, args, stats: dict, path: Path) -> str:
         f"Training: Bernoulli likelihood, at most {args.epochs} epochs"
         + ("" if args.minutes is None else f" or {args.minutes:g} min of wall time")
         + f" per model, Adam lr {args.lr:g}, "
-        f"batch {args.batch_size}, training sequences of T = {args.seq_len}, early stopping "
+        + (f"KL warm-up over {args.kl_warmup} epochs, " if args.kl_warmup else "")
+        + f"batch {args.batch_size}, training sequences of T = {args.seq_len}, early stopping "
         f"patience {args.patience}, weights of the best validation epoch, seed {args.seed}; "
         f"model options: {options or 'the paper sizes (defaults)'}.",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs, "
@@ -198,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64, help="frames per training sequence")
+    p.add_argument("--kl-warmup", type=int, default=0, metavar="EPOCHS",
+                   help="KL warm-up of fit (beta from 0 to 1 over EPOCHS epochs)")
     p.add_argument("--particles", type=int, default=100, help="K of the test bound")
     p.add_argument("--threads", type=int, default=1, help="torch threads per model")
     p.add_argument("--jobs", type=int, default=1, help="models trained at the same time")
