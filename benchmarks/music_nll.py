@@ -125,8 +125,16 @@ def train_and_evaluate(name: str, args) -> dict:
         _run([*cli, "evaluate", "--checkpoint", str(run_dir), "--nll", "--particles",
               str(args.particles), "--split", "test", "--seed", str(args.seed), "--no-progress",
               "--out", str(nll_path)], log)
-    eval_seconds = time.perf_counter() - t0
+        (run_dir / "eval_time.json").write_text(json.dumps(
+            {"wall_seconds": time.perf_counter() - t0}) + "\n")
+    eval_seconds = json.loads((run_dir / "eval_time.json").read_text())["wall_seconds"]
     nll = json.loads(nll_path.read_text())
+    # the spread over test sequences (not Monte-Carlo error): standard error of the ratio
+    # sum_i L_i / sum_i T_i by the delta method, were the test sequences drawn again
+    L, T = nll["per_sequence"]["log_px"], nll["per_sequence"]["frames"]
+    r, n = sum(L) / sum(T), len(L)
+    test_se = (sum((li - r * ti) ** 2 for li, ti in zip(L, T)) / (n * (n - 1))) ** 0.5 \
+        / (sum(T) / n) if n > 1 else None
     config = json.loads((run_dir / "config.json").read_text())
     return {"model": name, "guide": config["guide"], "model_options": config["model_options"],
             "train_seconds": train_seconds, "eval_seconds": eval_seconds,
@@ -134,17 +142,21 @@ def train_and_evaluate(name: str, args) -> dict:
             "best_val_loss": history["best_val_loss"],
             "status": "time budget" if stopped else history["status"],
             "history": history, "nll": {k: v for k, v in nll.items() if k != "per_sequence"},
+            "test_set_std_error_per_step": test_se,
             "commands": [" ".join(fit[2:])]}
 
 
 def write_table(results: list, args, stats: dict, path: Path) -> str:
-    rows = ["| model (guide) | test NLL per step, K = %d (± s.e.) | test -ELBO per step | "
-            "median ESS | best val loss | epochs (best) | train time | published, JSB |"
-            % args.particles, "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model (guide) | test NLL per step, K = %d (± Monte-Carlo s.e.) | ± over test "
+            "sequences | test -ELBO per step | median ESS | best val loss | epochs (best) | "
+            "train time | published, JSB |" % args.particles,
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         n = r["nll"]
-        se = "" if n["std_error_per_step"] is None else f" ± {n['std_error_per_step']:.3f}"
+        se = "" if n["std_error_per_step"] is None else f" ± {n['std_error_per_step']:.4f}"
+        spread = r["test_set_std_error_per_step"]
         rows.append(f"| {r['model']} ({r['guide']}) | {n['nll_per_step']:.3f}{se} | "
+                    f"{'–' if spread is None else f'{spread:.2f}'} | "
                     f"{-n['elbo_per_step']:.3f} | {n['ess_median']:.1f} | "
                     f"{r['best_val_loss']:.3f} | {r['epochs_run']} ({r['best_epoch']}) | "
                     f"{r['train_seconds'] / 60:.1f} min | {PUBLISHED.get(r['model'], '–')} |")
@@ -175,7 +187,9 @@ def write_table(results: list, args, stats: dict, path: Path) -> str:
           if r["status"] == "time budget"],
         "",
         "NLL per time step: -sum_i L_K(x_i) / sum_i T_i in nats (lower is better), L_K the "
-        "importance-weighted bound of Burda et al. 2016; ± is its Monte-Carlo standard error. "
+        "importance-weighted bound of Burda et al. 2016; ± is its Monte-Carlo standard error "
+        "(the noise of the K samples), the next column the standard error over test sequences "
+        "(how much the number would move on another test set of this size). "
         "-ELBO per step: the mean of the K log weights (the VLB). The published numbers are for "
         "JSB Chorales, another version of the corpus and another split: they are a scale, not "
         "a comparison.",
