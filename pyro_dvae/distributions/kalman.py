@@ -42,10 +42,12 @@ dense conditioning of the joint Gaussian):
   scan's shorter chain pays off where the levels run in parallel (an accelerator).
 - ``method="auto"`` (default): the scan for tensors on an accelerator, the recursion on CPU.
 
-Numerics: no explicit inverse of a covariance.  The update (3.17) is in square-root form in the
-state dimension: the observations are whitened once by R_t = L_R L_R^T, and with P_{t|t-1} = U U^T,
-G = I + U^T C'^T C' U (eigenvalues >= 1) and V = U chol(G)^{-T}, P_{t|t} = V V^T (PSD by
-construction), the gain and the log-likelihood follow from Woodbury and the determinant lemma.
+Numerics: no explicit inverse of a covariance (a constant full R is whitened by the triangular
+inverse of its Cholesky factor, a diagonal one by scaling).  The update (3.17) is in square-root
+form in the state dimension: the observations are whitened once by R_t = L_R L_R^T, and with
+P_{t|t-1} = U U^T, G = I + U^T C'^T C' U (eigenvalues >= 1) and V = U chol(G)^{-T},
+P_{t|t} = V V^T (PSD by construction); the gain and the log-likelihood follow from Woodbury and the
+determinant lemma.
 Backward gains are Cholesky solves against P_{t|t-1}, the backward-conditional and smoothed
 covariances are sums of positive semi-definite terms, all covariances are symmetrised, and every
 factorisation goes through :func:`cholesky` (jitter, then projection onto the PD cone, for
