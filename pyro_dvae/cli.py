@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import signal
 import sys
 import time
 import warnings
@@ -93,6 +94,41 @@ def _check_model_options(entry, options: dict) -> None:
     if unknown:
         raise click.ClickException(f"unknown model option {unknown[0]!r} for {entry.name}; "
                                    f"options: {', '.join(allowed)}")
+    for key, value in options.items():
+        default = sig.parameters[key].default if key in sig.parameters else None
+        if isinstance(default, bool) or not isinstance(default, int):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise click.ClickException(f"-o {key}={value!r}: {key} must be an integer")
+        low = 0 if default == 0 else 1
+        if key.endswith("_dim") and value < low:
+            raise click.ClickException(f"-o {key}={value}: {key} must be >= {low}")
+
+
+def _check_run_folder(out: Path, resume: bool, writer: bool) -> None:
+    """Refuse, before the data is loaded, an ``--out`` that holds another run (unless resuming)
+    or that a live run is writing (fit checks again, atomically, when it takes the lock)."""
+    from .train.rundir import describe_holder, lock_holder, run_status
+
+    if not resume and (out / "last.pt").exists():
+        raise click.ClickException(f"{out} already holds a run ({run_status(out)[1]}); continue "
+                                   "it with --resume or choose another --out")
+    holder = lock_holder(out) if writer else None  # (torchrun: rank 0 takes the lock)
+    if holder is not None:
+        raise click.ClickException(f"{out} is in use by another run: {describe_holder(holder)}")
+
+
+def _try_build(name: str, guide_name: str, kwargs: dict, x_dim: int = 257):
+    """``build(name, guide_name, x_dim=x_dim, **kwargs)``, a failure as one line (before the data
+    is loaded, with the speech features' 257 bins standing in for x_dim)."""
+    from .registry import build
+
+    try:
+        return build(name, guide_name, x_dim=x_dim, **kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:
+        raise click.ClickException(f"cannot build {name} with options {kwargs}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
 
 
 def _explicit(ctx, name: str) -> bool:
@@ -233,13 +269,13 @@ def _init_from(ctx, opts: dict):
 @click.option("--data", type=click.Path(), default=None, metavar="DIR|FILE.npz",
               help="Audio folder with train/ val/ (or si_tr_s/ si_dt_05/), or an array file "
                    "FILE.npz (README: array data); default: the built-in corpus.")
-@click.option("--epochs", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4,
               show_default=True, help="Adam learning rate (13.2.2; the authors' released "
                                       "configs used 1e-3).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=150, show_default=True,
-              help="Frames per training sequence (150 = 2.4 s).")
+              help="Frames per training sequence (150 = 2.4 s; at least 2).")
 @click.option("--patience", type=click.IntRange(min=0), default=20, show_default=True,
               help="Early stopping: epochs without validation improvement (0 = never stop).")
 @click.option("--elbo", type=click.Choice(["trace", "meanfield"]), default="trace",
@@ -274,7 +310,7 @@ def fit_cmd(ctx, **opts):
     import torch
 
     from .train.distributed import DistributedError, env_rank, exit_now
-    from .registry import REGISTRY, build
+    from .registry import REGISTRY
     from .train import CheckpointError, TrainConfig, TrainingInterrupted, fit
 
     if env_rank() != 0:  # torchrun: only rank 0 prints (and writes files, see train.fit)
@@ -297,9 +333,11 @@ def fit_cmd(ctx, **opts):
                                        f"{', '.join(REGISTRY)})")
         out = Path(opts["out"] or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-"
                    f"{opts['model']}")
-        if (out / "last.pt").exists():
-            raise click.ClickException(f"{out} already holds a run; continue it with --resume "
-                                       "or choose another --out")
+    _check_run_folder(out, opts["resume"], env_rank() == 0)
+    if opts["seq_len"] < 2:
+        raise click.ClickException("--seq-len 1: one-frame sequences have no time steps to "
+                                   "relate (the dynamical models would learn no transition); "
+                                   "use --seq-len 2 or more (default 150)")
     name = opts["model"]
     if name not in REGISTRY:
         raise click.ClickException(f"unknown model {name!r}; registered models: "
@@ -310,6 +348,9 @@ def fit_cmd(ctx, **opts):
         raise click.ClickException(f"unknown guide {guide_name!r} for model {name!r}; choose "
                                    f"from {', '.join(entry.guides)}")
     _check_model_options(entry, opts["model_option"])
+    kwargs = {"likelihood": opts["likelihood"], **opts["model_option"]}
+    if init is None:  # bad option values fail before the data is loaded
+        _try_build(name, guide_name, kwargs)
     try:
         config = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
                              patience=opts["patience"], elbo=opts["elbo"],
@@ -326,7 +367,6 @@ def fit_cmd(ctx, **opts):
     splits = _training_data(data, opts, say)
 
     pyro.set_rng_seed(config.seed)
-    kwargs = {"likelihood": opts["likelihood"], **opts["model_option"]}
     if splits["train"].u is not None:
         kwargs["u_dim"] = splits["train"].u_dim
     if init is not None:
@@ -337,12 +377,7 @@ def fit_cmd(ctx, **opts):
                 f"--init-from {opts['init_from']}: its model has x_dim {model.x_dim} and u_dim "
                 f"{model.u_dim}, the data {splits['train'].x_dim} and {data_u}")
     else:
-        try:
-            model, guide = build(name, guide_name, x_dim=splits["train"].x_dim, **kwargs)
-        except (TypeError, ValueError, AssertionError, KeyError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise click.ClickException(f"cannot build {name} with options {kwargs}: {first}") \
-                from None
+        model, guide = _try_build(name, guide_name, kwargs, x_dim=splits["train"].x_dim)
     meta = {"model_options": opts["model_option"], "data": data, "seq_len": opts["seq_len"]}
     if init is not None:
         meta.update(init_meta)
@@ -363,15 +398,16 @@ def fit_cmd(ctx, **opts):
             f"state (try a lower --lr or --clip-norm, then pyro-dvae fit --resume --out {out})"
         ) from None
     except TrainingInterrupted as e:
+        by = "" if e.signum == signal.SIGINT else f" by {signal.Signals(e.signum).name}"
         if e.saved:
-            click.echo(f"Interrupted in epoch {e.epoch + 1} after {e.step} batches; saved "
+            click.echo(f"Interrupted{by} in epoch {e.epoch + 1} after {e.step} batches; saved "
                        f"{out / 'last.pt'}. Continue with: pyro-dvae fit --resume --out {out}",
                        err=True)
         else:
-            click.echo(f"Interrupted during an optimiser step; {out / 'last.pt'} keeps the "
+            click.echo(f"Interrupted{by} during an optimiser step; {out / 'last.pt'} keeps the "
                        "last saved state. Continue with: pyro-dvae fit --resume --out "
                        f"{out}", err=True)
-        ctx.exit(130)
+        ctx.exit(e.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM
     best = hist.get("best_val_loss")
     say(f"{hist['status'].replace('_', ' ')} after {len(hist['epoch'])} epochs; best epoch "
         f"{hist.get('best_epoch')} (validation {'-' if best is None else f'{best:.4f}'} "

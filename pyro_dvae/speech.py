@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .atomic import create_temp
 from .data.stft import HOP, SAMPLE_RATE, istft, num_frames, power_spectrogram, spectrogram_from
 from .data.stft import stft as _stft
 
@@ -224,11 +224,9 @@ class AtomicFiles:
             parent = parent.parent
         final.parent.mkdir(parents=True, exist_ok=True)
         self._made_dirs.extend(missing)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix + ".tmp"
-                                   if final.suffix else ".tmp", dir=final.parent)
-        os.close(fd)
-        self._pending.append((Path(tmp), final))
-        return Path(tmp)
+        tmp = create_temp(final)  # mode 0o666 less the umask, like the final file should have
+        self._pending.append((tmp, final))
+        return tmp
 
     def commit(self) -> None:
         for tmp, final in self._pending:

@@ -124,11 +124,22 @@ def test_fit_bad_inputs(tmp_path, audio_dir):
     one_line_error(invoke(*TINY, "-o", "nosuch=1"), "nosuch")
     one_line_error(invoke(*TINY, "-o", "novalue"), "KEY=VALUE")
     one_line_error(invoke(*TINY, "-o", "x_dim=3"), "x_dim")
-    one_line_error(invoke(*TINY, "-o", "z_dim='a'"), "cannot build vae")
+    one_line_error(invoke(*TINY, "-o", "z_dim='a'"), "z_dim must be an integer")
     one_line_error(invoke(*TINY, "-o", "dense_x_z=256,0"), "dense_x_z", ">= 1")
     one_line_error(invoke(*TINY, "-o", "activation=swish"), "activation", "tanh")
     one_line_error(invoke(*TINY, "-o", "dense_x_h=256"), "unknown model option 'dense_x_h'",
                    "dense_x_z")
+
+
+def test_fit_option_values_are_checked_before_the_data_is_loaded(tmp_path):
+    """-o z_dim=-3 / abc, --epochs 0 and --seq-len 1: one line each, before any data is read (the
+    data folder does not exist, so a later check would report that instead)."""
+    missing = ["--data", tmp_path / "missing", "--out", tmp_path / "run"]
+    one_line_error(invoke(*TINY, *missing, "-o", "z_dim=-3"), "z_dim=-3", ">= 1")
+    one_line_error(invoke(*TINY, *missing, "-o", "z_dim=abc"), "z_dim", "integer")
+    one_line_error(invoke(*TINY, *missing, "--seq-len", "1"), "--seq-len 1", "2 or more")
+    one_line_error(invoke("fit", "--model", "vae", "--epochs", "0", *missing), "--epochs", "0")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_bad_inputs(tmp_path):
@@ -195,6 +206,95 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
     result = invoke("fit", "--resume", "--out", tmp_path / "b", "--epochs", "3", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "b" / "history.json").read_text())["epoch"] == [1, 2, 3]
+
+
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    """SIGTERM (SLURM, Kubernetes, preemption) is Ctrl-C: save the position, exit 143, resume."""
+    args = ["fit", "--model", "vae", "--epochs", "2", "--seq-len", "20", "--batch-size", "16", "-q",
+            "-o", "z_dim=2", "--lr", "1e-3"]
+    assert invoke(*args, "--out", tmp_path / "a").exit_code == 0
+    real_fit = train.fit
+
+    def terminated_fit(model, guide, *a, **k):
+        calls, orig = [0], guide.guide
+
+        def guide_fn(*args, **kwargs):
+            if torch.is_grad_enabled():
+                calls[0] += 1
+                if calls[0] == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return orig(*args, **kwargs)
+
+        guide.guide = guide_fn
+        return real_fit(model, guide, *a, **k)
+
+    monkeypatch.setattr(train, "fit", terminated_fit)
+    result = invoke(*args, "--out", tmp_path / "b")
+    assert result.exit_code == 143, result.output
+    assert "Interrupted by SIGTERM in epoch 1 after 3 batches" in result.output
+    assert "--resume" in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(train, "fit", real_fit)
+    assert json.loads((tmp_path / "b" / "history.json").read_text())["status"] == "interrupted"
+    result = invoke("fit", "--resume", "--out", tmp_path / "b", "-q")
+    assert result.exit_code == 0, result.output
+    a, _, _ = load_run(tmp_path / "a", "last")
+    b, _, _ = load_run(tmp_path / "b", "last")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_a_second_run_in_the_same_out_is_refused_in_one_line(tmp_path):
+    from pyro_dvae.train.rundir import RunFolderLock
+
+    out = tmp_path / "run"
+    with RunFolderLock(out):  # a run that is still loading its data, or training
+        one_line_error(invoke(*TINY, "--out", out), "in use by another run",
+                       f"pid {os.getpid()}")
+    assert invoke(*TINY, "--out", out).exit_code == 0
+    result = invoke(*TINY, "--out", out)
+    one_line_error(result, "already holds a run (finished)", "--resume")
+
+
+def _cli(log, *args):
+    """``pyro-dvae ARGS`` in a process of its own: stdout (the per-epoch lines) piped, stderr
+    (progress bars and messages) to the file ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "pyro_dvae.cli", *map(str, args)],
+                                env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+
+
+@pytest.mark.slow
+def test_real_sigterm_as_timeout_sends_it_then_resume_is_exact(tmp_path):
+    """``timeout -s TERM`` on a real ``pyro-dvae fit`` process: SIGTERM once the first epoch is
+    done (when timeout would have fired), exit 143 with the resume hint, and --resume ends with
+    exactly the weights of an uninterrupted run."""
+    args = ["fit", "--model", "srnn", "--epochs", "4", "--seq-len", "50", "--batch-size", "16",
+            "-o", "z_dim=2", "--lr", "1e-3", "--threads", "1", "--patience", "0"]
+    ref = _cli(tmp_path / "a.log", *args, "-q", "--out", tmp_path / "a")
+    proc = _cli(tmp_path / "b.log", *args, "--out", tmp_path / "b")
+    for line in proc.stdout:
+        if line.startswith("epoch 1/4  train"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=300)
+    assert proc.returncode == 143, (tmp_path / "b.log").read_text()
+    err = (tmp_path / "b.log").read_text()
+    assert "Interrupted by SIGTERM in epoch 2 after" in err and "--resume --out" in err, err
+    assert "Traceback" not in err
+    ref.communicate(timeout=600)
+    assert ref.returncode == 0, (tmp_path / "a.log").read_text()
+    res = _cli(tmp_path / "c.log", "fit", "--resume", "--out", tmp_path / "b", "-q")
+    res.communicate(timeout=600)
+    assert res.returncode == 0, (tmp_path / "c.log").read_text()
+    a, _, _ = load_run(tmp_path / "a", "last")
+    b, _, _ = load_run(tmp_path / "b", "last")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert hb["status"] == "finished" and hb["val_loss"] == ha["val_loss"]
 
 
 def test_python_dash_m_entry_point():

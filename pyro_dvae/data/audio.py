@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from ..atomic import create_temp
 from .stft import SAMPLE_RATE
 
 PathLike = str | os.PathLike
@@ -107,8 +107,7 @@ def save_audio(path: PathLike, wave, sr: int = SAMPLE_RATE, subtype: str | None 
         raise ValueError(f"save_audio: cannot infer an audio format from {path.name!r}; "
                          f"use a .wav or .flac name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = create_temp(path)  # mode 0o666 less the umask
     try:
         sf.write(tmp, wave, int(sr), subtype=subtype, format=fmt)
         os.replace(tmp, path)

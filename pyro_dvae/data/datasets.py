@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_write
 from . import corpus
 from .arrays import is_array_file, load_array_splits
 from .audio import (
@@ -257,14 +258,7 @@ def _split_powers(data, split, cache_dir, top_db, progress):
             "power": (torch.cat(powers) if powers else torch.zeros(0, N_FREQ))}
     try:
         cdir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=cdir)
-        os.close(fd)
-        try:
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda f: torch.save(blob, f))
     except OSError as err:
         warnings.warn(f"cannot write the feature cache in {cdir} ({err.strerror or err}); "
                       f"features will be recomputed next time", stacklevel=3)

@@ -43,7 +43,8 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "Unsupported global" in text:
+        # torch words it "Unsupported global: GLOBAL x.Y" or "unsupported GLOBAL posix.system"
+        if "unsupported global" in text.lower():
             name = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "?"
             raise CheckpointError(
                 f"{path}: refused to load: it contains a pickled Python object ({name}); "

@@ -7,6 +7,7 @@ optimiser is a plain ``torch.optim.Adam`` whose state is a tensors-only ``state_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -19,6 +20,7 @@ from torch import nn
 
 import pyro
 
+from ..atomic import remove_orphans
 from . import distributed
 from .batches import (check_data, device_of, epoch_permutation, frames, iterate_batches,
                       parameters, to_device)
@@ -28,6 +30,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, best_checkpoint, ch
 from .config import ELBOS, TrainConfig, as_config, kl_beta
 from .history import epoch_line, log, new_history, plot_history, progress_bar, record_epoch
 from .interrupt import InterruptFlag, TrainingInterrupted
+from .rundir import RunFolderLock, describe_holder
 from .validation import evaluate_loss
 
 _STATE_KEYS = ("epoch", "step", "partial_loss", "partial_frames", "best_val_loss", "bad_epochs")
@@ -38,13 +41,18 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
         meta: Optional[Dict[str, Any]] = None) -> dict:
     """Train ``model`` (a :class:`~pyro_dvae.models.base.DVAE`) and ``guide`` by SVI.
 
+    While it runs, the run folder is locked (:class:`~pyro_dvae.train.rundir.RunFolderLock`; a
+    second run there raises :class:`~pyro_dvae.train.rundir.RunFolderBusy`).  Ctrl-C and SIGTERM
+    save ``last.pt`` at the position in the epoch and raise :class:`TrainingInterrupted`; a file
+    that cannot be written (a full disk) raises :class:`CheckpointError`, leaving the previous
+    ``last.pt`` in place.
+
     ``train_set`` / ``val_set``: data sets of (x, mask) items, x (T, F), mask (T,) bool (for example
     :class:`pyro_dvae.data.SequenceDataset`); ``val_set=None`` early-stops on the training loss.
     ``out_dir`` receives config.json, history.json, loss.png, best.pt, last.pt (:mod:`pyro_dvae.
     train`).  ``resume=True`` continues the run in ``out_dir`` from its ``last.pt`` (same model,
     guide and trajectory settings; ``epochs`` and ``patience`` may grow).  ``meta`` is merged into
-    config.json.  Returns the history dict (as in history.json).  Ctrl-C saves ``last.pt`` and
-    raises :class:`TrainingInterrupted`.  Launched by torchrun (``WORLD_SIZE`` > 1), or with a
+    config.json.  Returns the history dict (as in history.json).  Launched by torchrun (``WORLD_SIZE`` > 1), or with a
     process group initialised, it trains data-parallel with DDP, ``batch_size`` per process
     (:mod:`pyro_dvae.train.distributed`; a lost process raises its ``DistributedError``).
     """
@@ -56,12 +64,16 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
     if config.threads:
         torch.set_num_threads(config.threads)
     run = TrainingRun(model, guide, train_set, val_set, config, Path(out_dir), progress)
-    if resume:
-        run.resume()
-    else:
-        run.start(meta)
-    run.prepare_loss(seed=None if resume else config.seed)
-    return run.train()
+    with run.interrupt, run.folder_lock():
+        if resume:
+            run.resume()
+        else:
+            run.start(meta)
+        run.prepare_loss(seed=None if resume else config.seed)
+        if not resume:  # resumable from the first batch on (last.pt is never missing)
+            run.save_last()
+            run.publish()
+        return run.train()
 
 
 class TrainingRun:
@@ -89,8 +101,13 @@ class TrainingRun:
         # Adam is updating the parameters (no consistent state to save)
         self.safe_rng: Optional[torch.Tensor] = None
         self.bar = None
-        self.interrupt: Optional[InterruptFlag] = None
+        notice = None if self.par is None else (
+            f"pyro-dvae: rank {self.par.rank} of {self.par.world_size}: {{signal}} received; "
+            "stopping after this batch (torchrun sends SIGTERM to every process when one of "
+            "them fails: see the first error)")
+        self.interrupt = InterruptFlag(notice)
         self.checked_params = False
+        self.saved_at: Optional[tuple] = None  # (epoch, step) of the last.pt on disk
 
     @property
     def world_size(self) -> int:
@@ -102,16 +119,15 @@ class TrainingRun:
         if self.last_path.exists():
             raise CheckpointError(f"{self.out}: already holds a run (last.pt); resume it or "
                                   "choose another output directory")
-        if self.writer:
-            self.out.mkdir(parents=True, exist_ok=True)
         pyro.set_rng_seed(self.config.seed)
         self.st = {"epoch": 0, "step": 0, "partial_loss": 0.0, "partial_frames": 0,
                    "best_val_loss": math.inf, "bad_epochs": 0}
         self.history = new_history(self.model, self.guide)
         if self.writer:
             meta = meta if self.par is None else {**(meta or {}), **self.par.meta(self.config)}
-            write_json(run_config(self.model, self.guide, self.config, meta),
-                       self.out / "config.json")
+            with self.writing(self.out / "config.json"):
+                write_json(run_config(self.model, self.guide, self.config, meta),
+                           self.out / "config.json")
 
     def resume(self) -> None:
         """Continue from ``last.pt``: weights, optimiser, RNG, position and history."""
@@ -127,14 +143,18 @@ class TrainingRun:
         if self.device.type == "cuda" and "cuda_rng_state" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng_state"], self.device)
         self.st = {k: ckpt[k] for k in _STATE_KEYS}
+        self.saved_at = (self.st["epoch"], self.st["step"])
         self.history = ckpt["history"]
+        self.history.pop("error", None)
+        self.history["status"] = "running"
         if self.par is not None:
             self.par.resume(ckpt, self.st, self.last_path)  # this rank's RNG stream
         cfg_path = self.out / "config.json"
         if self.writer and cfg_path.is_file():
             cfg = json.loads(cfg_path.read_text())
             cfg["train"] = asdict(self.config)
-            write_json(cfg, cfg_path)
+            with self.writing(cfg_path):
+                write_json(cfg, cfg_path)
 
     def prepare_loss(self, seed: Optional[int]) -> None:
         """The loss of a training step, ``step_loss(x, u, mask, num_sequences, beta)``; under
@@ -149,6 +169,37 @@ class TrainingRun:
                                               self.config.batch_size, seed)
 
     # ---- files ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def folder_lock(self):
+        """The run folder's lock (the writer only), taken over from a dead holder if need be;
+        then the temporary files dead processes left there are removed."""
+        if not self.writer:
+            yield
+            return
+        with RunFolderLock(self.out) as lock:
+            removed = remove_orphans(self.out)
+            if self.progress and (lock.previous or removed):
+                log(f"{self.out}: " + (f"took over the lock of {describe_holder(lock.previous)}, "
+                                       "which no longer runs" if lock.previous else "")
+                    + ("; " if lock.previous and removed else "")
+                    + (f"removed {len(removed)} temporary files it left" if removed else ""))
+            yield
+
+    @contextlib.contextmanager
+    def writing(self, path: Path):
+        """Writing a file of the run: a second Ctrl-C waits until it is complete, and a failed
+        write (a full disk) becomes a one-line :class:`CheckpointError`."""
+        with self.interrupt.deferred(final=self.history.get("status") == "interrupted"):
+            try:
+                yield
+            except OSError as e:
+                where = ("no last.pt was saved" if self.saved_at is None else
+                         f"{self.last_path} keeps the state of epoch {self.saved_at[0] + 1} "
+                         f"after {self.saved_at[1]} batches: free some space, then continue "
+                         "with --resume")
+                raise CheckpointError(f"cannot write {path}: {e.strerror or e}; {where}") \
+                    from None
+
     def snapshot(self, rng_state: torch.Tensor) -> dict:
         """The content of ``last.pt``."""
         ck = {"format": CHECKPOINT_FORMAT, "model_name": self.model.name,
@@ -165,15 +216,19 @@ class TrainingRun:
         rng_state = torch.get_rng_state() if rng_state is None else rng_state
         extras = {} if self.par is None else self.par.checkpoint_extras(rng_state, self.st)
         if self.writer:  # (the extras are a collective: every rank takes part)
-            save_checkpoint({**self.snapshot(rng_state), **extras}, self.last_path)
+            with self.writing(self.last_path):
+                save_checkpoint({**self.snapshot(rng_state), **extras}, self.last_path)
+        self.saved_at = (self.st["epoch"], self.st["step"])
 
     def publish(self) -> None:
         """``history.json`` and ``loss.png``."""
         if not self.writer:
             return
-        write_json(self.history, self.out / "history.json")
+        with self.writing(self.out / "history.json"):
+            write_json(self.history, self.out / "history.json")
         if self.history["epoch"]:
-            plot_history(self.history, self.out / "loss.png")
+            with self.writing(self.out / "loss.png"):
+                plot_history(self.history, self.out / "loss.png")
 
     # ---- the loop -------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -191,8 +246,7 @@ class TrainingRun:
     def train(self) -> dict:
         """Train until done (epochs or early stopping); returns the history."""
         try:
-            with InterruptFlag() as self.interrupt, pyro.validation_enabled(False), \
-                    distributed.running(self.par, self.out, self.st):
+            with pyro.validation_enabled(False), distributed.running(self.par, self.out, self.st):
                 while not self.done():
                     self.train_epoch()
                 if self.history["status"] == "running":  # resumed a run that had finished
@@ -203,6 +257,9 @@ class TrainingRun:
                     self.par.barrier()
         except KeyboardInterrupt:
             self.interrupted()
+        except BaseException as e:
+            self.crashed(e)
+            raise
         if self.par is not None:
             self.par.close()
         if self.progress and self.history["status"] == "early_stopped":
@@ -264,6 +321,7 @@ class TrainingRun:
         (loss / (scale * x.shape[1])).backward()
         for p in frozen:
             p.grad = None
+        self.check_gradients(e, st["step"])
         if config.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, config.clip_norm)
         self.safe_rng = None
@@ -275,6 +333,21 @@ class TrainingRun:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{st['partial_loss'] / st['partial_frames']:.4f}")
+
+    def check_gradients(self, e: int, step: int) -> None:
+        """Raise FloatingPointError, before Adam updates anything, if a gradient is NaN or
+        infinite (a finite loss can have them, e.g. through a degenerate decomposition)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            return
+        named = [(f"{what}.{name}", p) for what, m in (("model", self.model), ("guide", self.guide))
+                 for name, p in m.named_parameters()]
+        bad = list(dict.fromkeys(name for name, p in named if p.grad is not None
+                                 and not bool(torch.isfinite(p.grad).all())))
+        raise FloatingPointError(
+            f"non-finite gradient of {len(bad)} parameters ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}) with a finite loss in epoch {e + 1}, batch "
+            f"{step + 1}; the weights were not updated with it")
 
     def validation_loss(self) -> Optional[float]:
         if self.val_set is None:
@@ -290,18 +363,19 @@ class TrainingRun:
         if self.par is not None:  # the epoch's sums over all ranks
             self.par.reduce_partials(st)
         train_loss = st["partial_loss"] / max(st["partial_frames"], 1)
-        val_loss = self.validation_loss()
+        val_loss = self.validation_loss()  # (interruptible: nothing has changed yet)
         monitored = train_loss if val_loss is None else val_loss
         beta = kl_beta((e + 1) * num_batches - 1, num_batches, config.kl_warmup)
-        record_epoch(history, e + 1, train_loss, val_loss, beta, time.perf_counter() - t0)
-        improved = self.update_best(e, monitored)
-        if self.par is not None:  # rank 0 decides, every rank follows (and stops with it)
-            improved = self.par.follow_rank0(st, history, improved)
-        st.update(epoch=e + 1, step=0, partial_loss=0.0, partial_frames=0)
-        if self.done():
-            history["status"] = self.final_status()
-        self.save_last()
-        self.publish()
+        with self.interrupt.deferred():  # the state moves to the next epoch as one step
+            record_epoch(history, e + 1, train_loss, val_loss, beta, time.perf_counter() - t0)
+            improved = self.update_best(e, monitored)
+            if self.par is not None:  # rank 0 decides, every rank follows (and stops with it)
+                improved = self.par.follow_rank0(st, history, improved)
+            st.update(epoch=e + 1, step=0, partial_loss=0.0, partial_frames=0)
+            if self.done():
+                history["status"] = self.final_status()
+            self.save_last()
+            self.publish()
         if self.progress:
             log(epoch_line(history, improved, st["bad_epochs"], config.epochs, config.patience,
                            config.kl_warmup))
@@ -315,8 +389,9 @@ class TrainingRun:
             st["bad_epochs"] = 0
             self.history["best_epoch"], self.history["best_val_loss"] = e + 1, monitored
             if self.writer:
-                save_checkpoint(best_checkpoint(self.model, self.guide, e + 1, monitored),
-                                self.best_path)
+                with self.writing(self.best_path):
+                    save_checkpoint(best_checkpoint(self.model, self.guide, e + 1, monitored),
+                                    self.best_path)
             return True
         if e >= self.config.kl_warmup:
             st["bad_epochs"] += 1
@@ -331,12 +406,30 @@ class TrainingRun:
         # data-parallel: only a stop all ranks agreed on has a consistent state to save
         par = self.par
         saved = self.safe_rng is not None and (par is None or par.stopped_together)
-        if saved:
+        if saved:  # (a further Ctrl-C waits for the files: nothing is left half-written)
             self.save_last(self.safe_rng)
             self.publish()
         if par is not None and par.stopped_together:
             par.close()
-        raise TrainingInterrupted(self.out, self.st["epoch"], self.st["step"], saved) from None
+        raise TrainingInterrupted(self.out, self.st["epoch"], self.st["step"], saved,
+                                  self.interrupt.signum) from None
+
+    def crashed(self, error: BaseException) -> None:
+        """After an error: clear the progress bar's line (the error message gets a line of its
+        own), and tell ``history.json`` that the run crashed and why (if it can be written)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if not self.writer or not self.history:
+            return
+        text = str(error).strip()
+        self.history["status"] = "crashed"
+        self.history["error"] = text.splitlines()[0] if text else type(error).__name__
+        try:
+            with self.interrupt.deferred(final=True):
+                write_json(self.history, self.out / "history.json")
+        except (OSError, KeyboardInterrupt):
+            pass
 
 
 def _checked_loss(step_loss, x, u, mask, n, beta, params):

@@ -79,11 +79,23 @@ def _worker(spec_json: str) -> None:
             return set()
 
         model.frozen_parameters = frozen_parameters
+    if spec.get("short_timeout") is not None and rank == 0:
+        def frozen_parameters(epoch):  # rank 0 waits only this long from the pause epoch on
+            if epoch == spec["pause_epoch"]:
+                from datetime import timedelta
+
+                from torch.distributed.distributed_c10d import _set_pg_timeout
+
+                _set_pg_timeout(timedelta(seconds=spec["short_timeout"]))
+                Path(spec["marker"] + ".rank0").write_text(repr(time.monotonic()))
+            return set()
+
+        model.frozen_parameters = frozen_parameters
     config = TrainConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
                          seed=spec["seed"])
     try:
         fit(model, guide, Synthetic(spec["n_train"], 0), Synthetic(spec["n_val"], 1), config,
-            spec["out"], resume=spec.get("resume", False), progress=False)
+            spec["out"], resume=spec.get("resume", False), progress=spec.get("progress", False))
     except DistributedError as e:
         print(f"Error: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # skip the process group's destructor, which may wait for a hung peer
@@ -351,17 +363,40 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_batch_and_resume_is_exact(two_
 
 
 def test_hung_rank_makes_the_other_time_out(tmp_path):
-    procs, out, _ = _paused_run(tmp_path, "run", timeout=5)
-    t0 = time.monotonic()
+    """Rank 1 hangs at the start of epoch 2; rank 0 gives up after its collective timeout with one
+    line of its own (not glued to its progress bar).  The whole run has a generous timeout, and
+    rank 0 shortens its own to 5 s only when epoch 2 begins, so a slow machine cannot make an
+    earlier collective time out; the 5 s are measured from that moment, in rank 0's clock."""
+    procs, out, _ = _paused_run(tmp_path, "run", timeout=120, short_timeout=5, progress=True)
     try:
-        _, err0 = procs[0].communicate(timeout=30)
+        _, err0 = procs[0].communicate(timeout=120)
+        t_end = time.monotonic()
     finally:
         procs[1].kill()
         finish(procs)
-    assert 4.5 < time.monotonic() - t0 < 20
+    t_short = float(Path(str(tmp_path / "run.paused") + ".rank0").read_text())
+    assert 5 <= t_end - t_short < 100
     assert procs[0].returncode == 1
     assert "Error: rank 0 of 2: lost contact" in err0 and "imed out" in err0, err0
+    before = err0.split("Error: rank 0 of 2")[0]
+    assert before.endswith("\n") or before.rstrip(" ").endswith("\r"), repr(before[-200:])
+    assert before.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1].strip() == ""  # the bar was cleared
+    assert "epoch 1/2" in err0  # (the bar was shown)
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_rank_that_torchrun_terminates_says_so(tmp_path):
+    """torchrun answers the death of one rank by sending SIGTERM to the others: the survivor
+    prints a pyro-dvae line about it (then stops with the lost-contact error), instead of dying
+    silently."""
+    procs, out, _ = _paused_run(tmp_path, "run", timeout=60, pause_seconds=3)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[1].send_signal(signal.SIGTERM)
+    (_, _), (code1, err1) = finish(procs, timeout=60)
+    assert "pyro-dvae: rank 1 of 2: SIGTERM received; stopping after this batch" in err1, err1
+    assert code1 == 1 and "Error: rank 1 of 2: lost contact" in err1, err1
+    assert "Traceback" not in err1
 
 
 @pytest.fixture
