@@ -36,12 +36,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 PathLike = str | os.PathLike
 
@@ -182,23 +183,8 @@ def bach_chorales(cache_dir: Optional[PathLike] = None, refresh: bool = False,
         return path
     arrays = _convert(progress)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def statistics(path: PathLike) -> dict:
@@ -234,16 +220,8 @@ def main(argv=None) -> int:
             out = Path(args.out)
             if out.suffix.lower() != ".npz":
                 raise MusicError(f"--out {out}: the file name must end in .npz")
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp",
-                                       dir=out.parent if str(out.parent) else ".")
-            os.close(fd)
-            try:
-                shutil.copyfile(path, tmp)
-                os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, out)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with open(path, "rb") as src:
+                atomic_write(out, lambda f: shutil.copyfileobj(src, f))
             path = out
     except (MusicError, OSError) as err:
         print(f"Error: {err}", file=sys.stderr)
