@@ -75,7 +75,8 @@ def atomic_write(path: PathLike, write: Callable) -> None:
             tmp.unlink()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (also one of another user)."""
     try:
         os.kill(pid, 0)
     except OSError as e:
@@ -92,7 +93,7 @@ def remove_orphans(folder: PathLike) -> List[Path]:
         return removed
     for p in folder.iterdir():
         m = _TEMP.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             try:
                 p.unlink()
                 removed.append(p)

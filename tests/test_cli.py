@@ -170,7 +170,12 @@ def test_resume_refuses_pickled_checkpoint(tmp_path):
     one_line_error(invoke("fit", "--resume", "--out", out, "--epochs", "2"), "pickled")
 
 
-def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum,code,said", [
+    (signal.SIGINT, 130, "Interrupted in epoch 1 after 3 batches"),
+    # SIGTERM (SLURM, Kubernetes, preemption) is Ctrl-C: save the position, exit 143, resume
+    (signal.SIGTERM, 143, "Interrupted by SIGTERM in epoch 1 after 3 batches")])
+def test_ctrl_c_or_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch, signum, code,
+                                                            said):
     args = ["fit", "--model", "vae", "--epochs", "2", "--seq-len", "20", "--batch-size", "16", "-q",
             "-o", "z_dim=2", "--lr", "1e-3"]
     assert invoke(*args, "--out", tmp_path / "a").exit_code == 0
@@ -184,7 +189,7 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
             if torch.is_grad_enabled():
                 calls[0] += 1
                 if calls[0] == 3:
-                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signum)
             return orig(*args, **kwargs)
 
         guide.guide = guide_fn
@@ -192,9 +197,10 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "fit", interrupted_fit)
     result = invoke(*args, "--out", tmp_path / "b")
-    assert result.exit_code == 130, result.output
-    assert "Interrupted in epoch 1 after 3 batches" in result.output
+    assert result.exit_code == code, result.output
+    assert said in result.output
     assert "--resume" in result.output and "Traceback" not in result.output
+    assert json.loads((tmp_path / "b" / "history.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(train, "fit", real_fit)
     result = invoke("fit", "--resume", "--out", tmp_path / "b", "-q")
     assert result.exit_code == 0, result.output
@@ -206,41 +212,6 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
     result = invoke("fit", "--resume", "--out", tmp_path / "b", "--epochs", "3", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "b" / "history.json").read_text())["epoch"] == [1, 2, 3]
-
-
-def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    """SIGTERM (SLURM, Kubernetes, preemption) is Ctrl-C: save the position, exit 143, resume."""
-    args = ["fit", "--model", "vae", "--epochs", "2", "--seq-len", "20", "--batch-size", "16", "-q",
-            "-o", "z_dim=2", "--lr", "1e-3"]
-    assert invoke(*args, "--out", tmp_path / "a").exit_code == 0
-    real_fit = train.fit
-
-    def terminated_fit(model, guide, *a, **k):
-        calls, orig = [0], guide.guide
-
-        def guide_fn(*args, **kwargs):
-            if torch.is_grad_enabled():
-                calls[0] += 1
-                if calls[0] == 3:
-                    os.kill(os.getpid(), signal.SIGTERM)
-            return orig(*args, **kwargs)
-
-        guide.guide = guide_fn
-        return real_fit(model, guide, *a, **k)
-
-    monkeypatch.setattr(train, "fit", terminated_fit)
-    result = invoke(*args, "--out", tmp_path / "b")
-    assert result.exit_code == 143, result.output
-    assert "Interrupted by SIGTERM in epoch 1 after 3 batches" in result.output
-    assert "--resume" in result.output and "Traceback" not in result.output
-    monkeypatch.setattr(train, "fit", real_fit)
-    assert json.loads((tmp_path / "b" / "history.json").read_text())["status"] == "interrupted"
-    result = invoke("fit", "--resume", "--out", tmp_path / "b", "-q")
-    assert result.exit_code == 0, result.output
-    a, _, _ = load_run(tmp_path / "a", "last")
-    b, _, _ = load_run(tmp_path / "b", "last")
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
 
 
 def test_a_second_run_in_the_same_out_is_refused_in_one_line(tmp_path):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+from ..atomic import pid_alive
 from .checkpoint import CheckpointError
 
 LOCK_NAME = ".lock"
@@ -28,14 +29,6 @@ LOCK_NAME = ".lock"
 
 class RunFolderBusy(CheckpointError):
     """Another live process holds the run folder's lock; the message is one line."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM
-    return True
 
 
 def _read_holder(path: Path) -> dict:
@@ -58,7 +51,7 @@ def _holder_alive(holder: dict) -> bool:
     """Without flock: whether the holder named in the file still runs (other hosts: assumed)."""
     if not holder.get("pid"):
         return False
-    return holder.get("host") != socket.gethostname() or _alive(int(holder["pid"]))
+    return holder.get("host") != socket.gethostname() or pid_alive(int(holder["pid"]))
 
 
 class RunFolderLock:
