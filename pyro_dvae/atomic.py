@@ -21,17 +21,28 @@ PathLike = Union[str, Path]
 _TEMP = re.compile(r"^\..+\.(\d+)(\.[0-9a-f]{8})?\.tmp$")  # (older versions: no random part)
 
 
-def create_temp(path: PathLike) -> Path:
-    """Create an empty temporary file next to ``path`` (mode ``0o666`` less the umask) and return
-    its path; the caller writes it, then ``os.replace``-s it onto ``path`` or deletes it."""
+def _make_temp(path: PathLike, make: Callable) -> Path:
     path = Path(path)
     while True:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            make(tmp)
             return tmp
         except FileExistsError:  # pragma: no cover (2^-32 per try)
             continue
+
+
+def create_temp(path: PathLike) -> Path:
+    """Create an empty temporary file next to ``path`` (mode ``0o666`` less the umask) and return
+    its path; the caller writes it, then ``os.replace``-s it onto ``path`` or deletes it."""
+    return _make_temp(path, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                                       0o666)))
+
+
+def create_temp_dir(path: PathLike) -> Path:
+    """Create an empty temporary folder next to ``path`` (mode ``0o777`` less the umask, where
+    ``tempfile.mkdtemp`` gives ``0o700``) to be renamed onto ``path`` once complete."""
+    return _make_temp(path, lambda p: os.mkdir(p, 0o777))
 
 
 class _RecordingFile:

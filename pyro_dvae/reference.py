@@ -34,7 +34,6 @@ import configparser
 import math
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -42,6 +41,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from .atomic import create_temp_dir
 from .models.base import use_mean
 from .nn import ArchitectureError, architecture_json
 
@@ -372,7 +372,7 @@ def import_reference(checkpoint: PathLike, out: PathLike, config: Optional[PathL
             "model": model.state_dict(), "guide": guide.state_dict(), "epoch": source["epoch"],
             "val_loss": None, "source": source["checkpoint"]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = create_temp_dir(out)  # (mode from the umask, like every output)
     try:
         write_json(cfg, tmp / "config.json")
         write_json(history, tmp / "history.json")

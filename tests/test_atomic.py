@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pyro_dvae.atomic import atomic_write, create_temp, remove_orphans
+from pyro_dvae.atomic import atomic_write, create_temp, create_temp_dir, remove_orphans
 from pyro_dvae.data import load_splits, save_audio
 from pyro_dvae.speech import AtomicFiles
 
@@ -33,6 +33,12 @@ def test_atomic_write_and_temp_files_respect_the_umask(tmp_path, umask):
     assert (tmp_path / "a.bin").read_bytes() == b"abc" and mode(tmp_path / "a.bin") == 0o666 & ~umask
     tmp = create_temp(tmp_path / "b.txt")
     assert mode(tmp) == 0o666 & ~umask and tmp.name.startswith(f".b.txt.{os.getpid()}.")
+
+
+def test_temporary_folders_respect_the_umask(tmp_path, umask):
+    """import-reference builds a run folder under a temporary name, then renames it."""
+    folder = create_temp_dir(tmp_path / "run")
+    assert folder.is_dir() and mode(folder) == 0o777 & ~umask
 
 
 def test_speech_outputs_respect_the_umask(tmp_path, umask):
