@@ -306,6 +306,38 @@ def _init_from(ctx, opts: dict):
 @click.pass_context
 def fit_cmd(ctx, **opts):
     """Train a model by SVI; writes config.json, history.json, loss.png, best.pt, last.pt."""
+    with _sigterm_interrupts() as terminated:
+        try:
+            _fit(ctx, opts)
+        except KeyboardInterrupt:  # (during training fit saves and says so itself)
+            by = " by SIGTERM" if terminated else ""
+            click.echo(f"Interrupted{by} before training started; nothing was saved", err=True)
+            ctx.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt, like Ctrl-C, while fit loads its data (training itself
+    handles both signals); yields a list that is non-empty once SIGTERM has arrived."""
+    import threading
+
+    terminated = []
+
+    def handler(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield terminated
+        return
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _fit(ctx, opts: dict) -> None:
     import pyro
     import torch
 

@@ -214,6 +214,23 @@ def test_ctrl_c_or_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypat
     assert json.loads((tmp_path / "b" / "history.json").read_text())["epoch"] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_data_loads_stops_with_one_line(tmp_path, monkeypatch, signum, code):
+    import pyro_dvae.data
+
+    def interrupted_loading(*a, **k):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr(pyro_dvae.data, "load_splits", interrupted_loading)
+    result = invoke(*TINY, "--out", tmp_path / "run")
+    assert result.exit_code == code, result.output
+    assert "before training started; nothing was saved" in result.output
+    assert ("by SIGTERM" in result.output) == (signum == signal.SIGTERM)
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_second_run_in_the_same_out_is_refused_in_one_line(tmp_path):
     from pyro_dvae.train.rundir import RunFolderLock
 

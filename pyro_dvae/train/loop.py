@@ -338,7 +338,8 @@ class TrainingRun:
         """Raise FloatingPointError, before Adam updates anything, if a gradient is NaN or
         infinite (a finite loss can have them, e.g. through a degenerate decomposition)."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        # element-wise (a norm of large finite gradients can overflow), one sync for all
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             return
         named = [(f"{what}.{name}", p) for what, m in (("model", self.model), ("guide", self.guide))
                  for name, p in m.named_parameters()]

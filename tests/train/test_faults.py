@@ -263,6 +263,25 @@ def test_nan_gradient_with_a_finite_loss_is_not_applied(tmp_path):
     assert run_status(tmp_path / "run")[0] == "crashed"
 
 
+class LargeGradientVAE(VAE):
+    """Finite gradients of 1e19 per element: their norm overflows float32, the values do not."""
+
+    def emission(self, z, ctx, x, u):
+        p = next(self.decoder.parameters())
+        return super().emission(z, ctx, x, u) + 1e19 * (p - p.detach()).sum()
+
+
+def test_large_finite_gradients_are_applied(tmp_path):
+    pyro.set_rng_seed(0)
+    model = LargeGradientVAE(x_dim=6, z_dim=2)
+    _, guide = small("vae")
+    guide = type(guide)(model)
+    assert not torch.isfinite(torch.linalg.vector_norm(torch.full((256,), 1e19)))
+    hist = fit(model, guide, Synthetic(), None, TrainConfig(**{**CFG, "epochs": 1}),
+               tmp_path / "run", progress=False)
+    assert hist["status"] == "finished"
+
+
 class _RunsCode:
     """A pickle that would run a shell command (``os.system``, a module torch blocks)."""
 
