@@ -317,24 +317,26 @@ def fit_cmd(ctx, **opts):
 
 @contextmanager
 def _sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt, like Ctrl-C, while fit loads its data (training itself
+    """SIGTERM and Ctrl-C raise KeyboardInterrupt while fit loads its data (training itself
     handles both signals); yields a list that is non-empty once SIGTERM has arrived."""
     import threading
 
     terminated = []
 
     def handler(signum, frame):
-        terminated.append(signum)
+        if signum == signal.SIGTERM:
+            terminated.append(signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield terminated
         return
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield terminated
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _fit(ctx, opts: dict) -> None:

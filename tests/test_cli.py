@@ -223,12 +223,13 @@ def test_a_signal_while_the_data_loads_stops_with_one_line(tmp_path, monkeypatch
         raise AssertionError("the signal did not stop the command")
 
     monkeypatch.setattr(pyro_dvae.data, "load_splits", interrupted_loading)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     result = invoke(*TINY, "--out", tmp_path / "run")
     assert result.exit_code == code, result.output
     assert "before training started; nothing was saved" in result.output
     assert ("by SIGTERM" in result.output) == (signum == signal.SIGTERM)
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 def test_a_second_run_in_the_same_out_is_refused_in_one_line(tmp_path):

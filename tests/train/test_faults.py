@@ -64,6 +64,7 @@ def test_sigterm_saves_the_position_and_resume_is_exact(tmp_path):
     expected, ref = _reference(tmp_path)
     model, guide = small()
     _signal_at(guide, 6, signal.SIGTERM)  # epoch 2 (4 batches per epoch), second batch
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as info:
         fit(model, guide, Synthetic(), Synthetic(seed=1), TrainConfig(**CFG), tmp_path / "b",
             progress=False)
@@ -72,7 +73,7 @@ def test_sigterm_saves_the_position_and_resume_is_exact(tmp_path):
     ck = load_checkpoint(tmp_path / "b" / "last.pt")
     assert (ck["epoch"], ck["step"]) == (1, 2)
     assert run_status(tmp_path / "b")[0] == "interrupted"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+    assert signal.getsignal(signal.SIGTERM) == handler  # the handler is restored
     _resume_and_compare(tmp_path / "b", expected, ref)
 
 
