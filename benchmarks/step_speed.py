@@ -65,6 +65,21 @@ def plain_loss(model, guide, x):
         z, loc, scale = torch.stack(zs, 1), torch.stack(locs, 1), torch.stack(scales, 1)
         p_loc, p_scale = model.prior(z, ctx, x, None)
         return -(_is_term(model, x, z, ctx) - _kl(loc, scale, p_loc, p_scale)).sum()
+    if name == "vrnn":
+        ctx = model.context(x, None, None)
+        fx, x_in = ctx["fx"], ctx["x_in"]
+        fz_prev, state, zs, hs, locs, scales = x.new_zeros(x.shape[0], 64), None, [], [], [], []
+        for t in range(x.shape[1]):
+            h, state = model.h_rnn.step(torch.cat([x_in[:, t], fz_prev], -1), state)
+            loc, scale = guide.head(guide.encoder(torch.cat([fx[:, t], h], -1)))
+            z = loc + scale * torch.randn_like(loc)
+            fz_prev = model.z_features(z)
+            zs.append(z), hs.append(h), locs.append(loc), scales.append(scale)
+        z, h, loc, scale = (torch.stack(v, 1) for v in (zs, hs, locs, scales))
+        p_loc, p_scale = model.prior_head(model.prior_net(h))
+        params = model.x_out(model.decoder(torch.cat([model.z_features(z), h], -1)))
+        return -(model.likelihood.log_prob(x, params).sum(-1)
+                 - _kl(loc, scale, p_loc, p_scale)).sum()
     return None
 
 

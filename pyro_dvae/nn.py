@@ -16,6 +16,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .precision import fp32
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,
@@ -222,3 +224,110 @@ def shift_right(y: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.
     elif first.dim() == 2:
         first = first.unsqueeze(1)
     return torch.cat([first, y[:, :-1]], 1)
+
+
+# ---- sequential recursions: the per-sequence parts computed once, outside the time loop ---------
+def _input_projection(weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      parts: Sequence[Optional[torch.Tensor]]):
+    """Split the input columns of ``weight`` along ``parts``, the pieces of a concatenated input
+    in order: exactly one ``None`` (the input known only inside the loop) and tensors
+    (batch, T, d) known for all steps.  Returns (per-step float32 projections of the known pieces
+    plus the bias, a list of T (batch, out) tensors; the transposed weight of the step input)."""
+    if sum(p is None for p in parts) != 1:
+        raise ValueError("parts must hold exactly one None (the step input)")
+    known = sum(p.shape[-1] for p in parts if p is not None)
+    step_dim = weight.shape[1] - known
+    if step_dim <= 0:
+        raise ValueError(f"the known parts have {known} columns, the layer only {weight.shape[1]}")
+    pre, start, w_step = None, 0, None
+    for p in parts:
+        d = step_dim if p is None else p.shape[-1]
+        w = weight[:, start:start + d]
+        start += d
+        if p is None:
+            w_step = w.t()
+        else:
+            proj = torch.nn.functional.linear(p, w)
+            pre = proj if pre is None else pre + proj
+    if bias is not None:
+        pre = pre + bias
+    # one (bfloat16 under autocast) product per sequence; the loop runs in float32
+    return fp32(pre).unbind(1), w_step
+
+
+def _concat_step(parts: Sequence[Optional[torch.Tensor]], t: int, y_t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([y_t if p is None else fp32(p[:, t]) for p in parts], -1)
+
+
+def stepwise(mlp: MLP, parts: Sequence[Optional[torch.Tensor]]):
+    """``mlp(cat(parts_t))`` one step t at a time, where ``parts`` lists the pieces of the input in
+    order: ``None`` for the input y_t given at each step and tensors (batch, T, d) known for all
+    steps (``stepwise(e_z, [g, None])`` is ``e_z(cat([g_t, y_t]))``).  The share of the known
+    pieces in the first linear layer is computed once for all t (one product per sequence
+    instead of one per step, no concatenation per step).  Returns ``at(t, y_t)``; the same
+    function as the MLP on the concatenation, up to float rounding."""
+    layers = list(mlp)
+    if not layers or not isinstance(layers[0], nn.Linear):  # (an identity MLP): on the concat
+        return lambda t, y_t: mlp(_concat_step(parts, t, y_t))
+    first = layers[0]
+    pre, w_step = _input_projection(first.weight, first.bias, parts)
+    rest = layers[1:]
+
+    def at(t: int, y_t: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(pre[t], y_t, w_step)
+        for layer in rest:
+            out = layer(out)
+        return out
+
+    return at
+
+
+def gaussian_head_step(head: GaussianHead):
+    """:class:`GaussianHead` for use inside a time loop: both output layers as one matrix product
+    per step (their weights concatenated once per sequence).  Returns ``f(h) -> (loc, scale)``."""
+    weight = torch.cat([head.loc.weight, head.logvar.weight]).t()
+    bias = torch.cat([head.loc.bias, head.logvar.bias])
+    n = head.loc.out_features
+
+    def f(h: torch.Tensor):
+        out = torch.addmm(bias, h, weight)
+        return out[..., :n], torch.exp(0.5 * out[..., n:])
+
+    return f
+
+
+def lstm_step(rnn: RNN, parts: Optional[Sequence[Optional[torch.Tensor]]] = None):
+    """One-frame steps of the LSTM ``rnn`` with written-out gate arithmetic.  The input at step t
+    is y_t alone (``parts=None``) or the concatenation of ``parts`` as in :func:`stepwise`
+    (``None`` for y_t; the share of the known pieces in W_ih [.] + b_ih + b_hh computed once for
+    all t).  Returns ``step(t, y_t, state) -> (h_t, state)``, ``state`` None at the start (zero h
+    and c); the same function as ``rnn.step`` up to float rounding, without the per-call cost of
+    a one-frame ``nn.LSTM``.  Other cells and stacked LSTMs step the module on the
+    concatenation (same function, no saving)."""
+    lstm = rnn.rnn
+    if rnn.reverse:
+        raise ValueError("lstm_step() needs a forward RNN")
+    if rnn.cell != "lstm" or lstm.num_layers != 1:  # other cells, stacked LSTMs: module steps
+        return lambda t, y_t, state=None: rnn.step(
+            y_t if parts is None else _concat_step(parts, t, y_t), state)
+    w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    if parts is None:
+        pre, w_step = None, w_ih.t()
+    else:
+        pre, w_step = _input_projection(w_ih, bias, parts)
+    w_hh_t = w_hh.t()
+    H = lstm.hidden_size
+
+    def step(t: int, y_t: torch.Tensor, state=None):
+        gates = torch.addmm(bias if pre is None else pre[t], y_t, w_step)
+        if state is not None:
+            gates = torch.addmm(gates, state[0], w_hh_t)
+        sig = torch.sigmoid(gates)
+        i, f, o = sig[:, :H], sig[:, H:2 * H], sig[:, 3 * H:]
+        g = torch.tanh(gates[:, 2 * H:3 * H])
+        c = i * g if state is None else torch.addcmul(i * g, f, state[1])
+        h = o * torch.tanh(c)
+        return h, (h, c)
+
+    return step

@@ -3,7 +3,8 @@ Kalman filter / smoother / exact posterior of linear-Gaussian state-space models
 
 from .kalman import KalmanPosterior, KalmanStep, LinearGaussianSSM
 from .likelihoods import LIKELIHOODS, Bernoulli, Gaussian, ItakuraSaito, Likelihood, get_likelihood
-from .sequence import NormalSequence, NormalStep, ObservationSequence, ObservationStep
+from .sequence import (NormalSequence, NormalStep, ObservationSequence, ObservationStep,
+                       SequenceSite)
 
 __all__ = [
     "LIKELIHOODS",
@@ -18,5 +19,6 @@ __all__ = [
     "NormalStep",
     "ObservationSequence",
     "ObservationStep",
+    "SequenceSite",
     "get_likelihood",
 ]

@@ -17,6 +17,9 @@ sampling without recorded values) evaluates the same function on the prefix.
   :class:`~pyro_dvae.distributions.likelihoods.Likelihood`.
 - ``kl_divergence`` between a guide step and a prior step is registered and vectorised, so
   ``TraceMeanField_ELBO`` uses the analytic per-step KL.
+- :class:`SequenceSite`: the fused view, one site for a whole family (event shape (T, dim)) whose
+  log-density and KL are the sums of the per-step ones; training uses it (fewer Pyro sites, the same
+  loss), see :func:`pyro_dvae.models.base.fused_sites`.
 
 Masks (batch, T) zero the log-densities and KLs of padded frames.  They select (``torch.where``)
 rather than multiply, so a non-finite value computed at a padded frame cannot reach the sum
@@ -34,12 +37,17 @@ from torch.distributions import constraints, kl_divergence, register_kl
 import pyro.distributions as dist
 from pyro.distributions import TorchDistribution
 
+from ..precision import fp32
+
 
 def _normal_log_prob(value, loc, scale):
+    # in float32 whatever the precision of the networks (pyro_dvae.precision)
+    value, loc, scale = fp32(value), fp32(loc), fp32(scale)
     return dist.Normal(loc, scale, validate_args=False).log_prob(value).sum(-1)
 
 
 def _normal_kl(q_loc, q_scale, p_loc, p_scale):
+    q_loc, q_scale, p_loc, p_scale = fp32(q_loc), fp32(q_scale), fp32(p_loc), fp32(p_scale)
     var_ratio = (q_scale / p_scale) ** 2
     t1 = ((q_loc - p_loc) / p_scale) ** 2
     return 0.5 * (var_ratio + t1 - 1 - torch.log(var_ratio)).sum(-1)
@@ -63,6 +71,16 @@ class _Sequence:
         self._num_recorded += self.values[t] is None
         self.values[t] = value
         self._stacked = None
+        self._log_prob = None
+        return value
+
+    def record_all(self, value: torch.Tensor) -> torch.Tensor:
+        """Record the values of all steps at once, ``value`` (batch, T, dim) (a fused site)."""
+        if value is self._stacked and self.complete():
+            return value
+        self.values = list(value.unbind(1))
+        self._num_recorded = self.T
+        self._stacked = value
         self._log_prob = None
         return value
 
@@ -118,6 +136,25 @@ class NormalSequence(_Sequence):
         self._params = self._params if self._compute is None else None
         self._kl = {}
         return super().record(t, value)
+
+    def record_all(self, value):
+        if value is not self._stacked:
+            self._params = self._params if self._compute is None else None
+            self._kl = {}
+        return super().record_all(value)
+
+    def sample_all(self) -> torch.Tensor:
+        """A reparameterised draw of all steps (batch, T, dim) in step order, recorded.
+
+        All parameters given: one vectorised draw (the per-step sites' :meth:`draw_all`);
+        parameters computed from the values (a model's prior run without a guide): step by step
+        on the prefix."""
+        if self.given_params():
+            return self.record_all(torch.stack(self.draw_all(), 1))
+        for t in range(self.T):
+            loc, scale = self.step_params(t)
+            self.record(t, loc + scale * torch.randn_like(loc))
+        return self.stacked()
 
     def given_params(self) -> bool:
         """Whether the parameters of all steps were given at once (no recursion on z)."""
@@ -254,7 +291,8 @@ class ObservationSequence(_Sequence):
 
     def log_prob(self) -> torch.Tensor:
         if self._log_prob is None:
-            self._log_prob = self._masked(self.likelihood.log_prob(self.stacked(), self.params()))
+            self._log_prob = self._masked(
+                self.likelihood.log_prob(fp32(self.stacked()), fp32(self.params())))
         return self._log_prob
 
 
@@ -264,8 +302,8 @@ class ObservationStep(_StepView):
     def log_prob(self, value):
         if self._is_recorded(value):
             return self.seq.log_prob_steps()[self.t]
-        params = self.seq.params()[:, self.t]
-        return self.seq._masked(self.seq.likelihood.log_prob(value, params), self.t)
+        params = fp32(self.seq.params()[:, self.t])
+        return self.seq._masked(self.seq.likelihood.log_prob(fp32(value), params), self.t)
 
     @property
     def mean(self):
@@ -274,6 +312,60 @@ class ObservationStep(_StepView):
     def sample(self, sample_shape=torch.Size()):
         raise NotImplementedError(
             "observations are sampled with DVAE.generate(); the Pyro model needs observed x")
+
+
+class SequenceSite(TorchDistribution):
+    """All steps of a :class:`NormalSequence` or :class:`ObservationSequence` as one site: batch
+    shape (batch,), event shape (T, dim); ``log_prob`` is the masked sum over t of the per-step
+    log-densities and the registered KL the sum of the per-step KLs, so an ELBO over fused sites
+    has the value of the per-step one.  A value that is not the sequence's recorded one is
+    recorded first (a model replaying its guide's draw)."""
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real_vector, 1)
+
+    def __init__(self, seq: _Sequence):
+        self.seq = seq
+        super().__init__(torch.Size([seq.batch]), torch.Size([seq.T, seq.dim]),
+                         validate_args=False)
+
+    @property
+    def has_rsample(self):
+        return isinstance(self.seq, NormalSequence)
+
+    def expand(self, batch_shape, _instance=None):
+        if tuple(batch_shape) == tuple(self.batch_shape):
+            return self
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be expanded from {tuple(self.batch_shape)} to "
+            f"{tuple(batch_shape)} (vectorised particles are not supported)")
+
+    def rsample(self, sample_shape=torch.Size()):
+        if sample_shape:
+            raise NotImplementedError("a fused sequence site draws one sample per sequence")
+        if not isinstance(self.seq, NormalSequence):
+            raise NotImplementedError(
+                "observations are sampled with DVAE.generate(); the Pyro model needs observed x")
+        if self.seq.complete():  # a guide's recursion has drawn (and recorded) every step
+            return self.seq.stacked()
+        return self.seq.sample_all()
+
+    def log_prob(self, value):
+        self.seq.record_all(value)
+        return self.seq.log_prob().sum(-1)
+
+    @property
+    def mean(self):
+        if isinstance(self.seq, NormalSequence):
+            return self.seq.params()[0]
+        return self.seq.likelihood.mean(self.seq.params())
+
+
+@register_kl(SequenceSite, SequenceSite)
+def _kl_sequence_sequence(q: SequenceSite, p: SequenceSite):
+    if not (isinstance(q.seq, NormalSequence) and isinstance(p.seq, NormalSequence)):
+        raise NotImplementedError
+    return q.seq.kl(p.seq).sum(-1)
 
 
 @register_kl(NormalStep, NormalStep)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import MLP, RNN, GaussianHead, mlp, shift_right
+from ..nn import MLP, RNN, GaussianHead, gaussian_head_step, mlp, shift_right
+from ..precision import fp32
 
 
 class DKFGuide(Guide):
@@ -82,12 +83,13 @@ class DKFGuide(Guide):
             loc, scale = self.head(self.combiner(g))
             self.sample_independent("z", x, mask, loc, scale)
             return
-        x_part = torch.stack(parts).mean(0) * len(parts)
+        x_part = fp32(torch.stack(parts).mean(0) * len(parts)).unbind(1)  # loop in fp32
         n = len(parts) + 1
+        head = gaussian_head_step(self.head)
 
         def step(t, z_prev):
-            g = (self.z_net(z_prev) + x_part[:, t]) / n        # (5.5)
-            return self.head(self.combiner(g))                  # (5.6-5.7)
+            g = (self.z_net(z_prev) + x_part[t]) / n            # (5.5)
+            return head(self.combiner(g))                       # (5.6-5.7)
 
         self.sample_chain("z", x, mask, step)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import RNN, GaussianHead, mlp
+from ..nn import RNN, GaussianHead, gaussian_head_step, lstm_step, mlp, stepwise
 
 
 class RecurrentGuide(Guide):
@@ -72,13 +72,16 @@ class RecurrentGuide(Guide):
         return torch.cat(parts, -1)
 
     def guide(self, x, u=None, mask=None):
-        gx = self.x_summary(x, u, mask)
+        # e_z on [g^x_t, g->^z_t]: the g^x share of its first layer once per sequence; the z-LSTM
+        # stepped with written-out gates (nn.stepwise, nn.lstm_step)
+        e_z = stepwise(self.combiner, [self.x_summary(x, u, mask), None])
+        z_rnn, head = lstm_step(self.z_rnn), gaussian_head_step(self.head)
         state = None
 
         def step(t, z_prev):
             nonlocal state
-            gz, state = self.z_rnn.step(self.z_features(z_prev), state)   # g->^z_t(z_{1:t-1})
-            return self.head(self.combiner(torch.cat([gx[:, t], gz], -1)))  # (10.21-10.22)
+            gz, state = z_rnn(t, self.z_features(z_prev), state)   # g->^z_t(z_{1:t-1})
+            return head(e_z(t, gz))                                 # (10.21-10.22)
 
         self.sample_chain("z", x, mask, step)
 

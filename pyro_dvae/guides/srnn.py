@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import RNN, GaussianHead
+from ..nn import RNN, GaussianHead, gaussian_head_step, stepwise
 
 
 class SRNNGuide(Guide):
@@ -38,10 +38,12 @@ class SRNNGuide(Guide):
 
     def guide(self, x, u=None, mask=None):
         h = self.model.shared_context(x, u, mask)["h"]
-        g = self.summary(x, h, mask)
+        # e_z([g_t, z_{t-1}]): the g_t share of its first layer once per sequence (nn.stepwise)
+        e_z = stepwise(self.combiner, [self.summary(x, h, mask), None])
+        head = gaussian_head_step(self.head)
 
         def step(t, z_prev):
-            return self.head(self.combiner(torch.cat([g[:, t], z_prev], -1)))
+            return head(e_z(t, z_prev))
 
         self.sample_chain("z", x, mask, step)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Guide
-from ..nn import RNN, GaussianHead
+from ..nn import RNN, GaussianHead, gaussian_head_step, lstm_step, shift_right, stepwise
 
 
 class VRNNGuide(Guide):
@@ -43,20 +43,25 @@ class VRNNGuide(Guide):
         ctx = model.shared_context(x, u, mask)
         xp, fx = self.x_part(ctx, mask), ctx["fx"]
         state, hs = None, []
+        # d_h and e_z with the shares of their x inputs computed once per sequence: step t of
+        # d_h reads [phi_x(x_{t-1}), phi_z(z_{t-1}), u_t], e_z reads [xp_t, h_t] (nn.lstm_step,
+        # nn.stepwise)
+        d_h = lstm_step(model.h_rnn, model.rnn_input_parts(shift_right(fx), None, u))
+        e_z = stepwise(self.encoder, [xp, None])
+        head = gaussian_head_step(self.head)
 
         def step(t, z_prev):
             nonlocal state
             if t == 0:
                 h = model.initial_state(x)                                        # h_1 = 0
             else:  # h_t = d_h([phi_x(x_{t-1}), phi_z(z_{t-1}), u_t], h_{t-1})     (8.1)
-                inp = model.rnn_input(fx[:, t - 1], model.z_features(z_prev),
-                                      None if u is None else u[:, t])
-                h, state = model.h_rnn.step(inp, state)
+                h, state = d_h(t, model.z_features(z_prev), state)
             hs.append(h)
-            return self.head(self.encoder(torch.cat([xp[:, t], h], -1)))         # (8.11-8.12)
+            return head(e_z(t, h))                                                # (8.11-8.12)
 
         seq = self.sample_chain("z", x, mask, step)
-        model.share_states(ctx, seq.values, torch.stack(hs, 1))  # h_{1:T} for the model (8.13)
+        # h_{1:T} for the model (8.13), with the z values it was computed from
+        model.share_states(ctx, seq.values, torch.stack(hs, 1), seq.stacked())
 
 
 class VRNNBackwardGuide(VRNNGuide):

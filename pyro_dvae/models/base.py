@@ -26,6 +26,12 @@ a subclass writes its networks once, vectorised over time:
   only z_{1:t-1} at step t.
 - :meth:`DVAE.emission`: decoder outputs for p(x_t | ...) for all t, from z and the context.
 
+Inside :func:`fused_sites` (the training loop and the validation loss) each family is one site per
+sequence instead (``z`` and ``x``, event shape (T, dim), :class:`~pyro_dvae.distributions.SequenceSite`):
+the same densities, KLs and random draws, so the same loss, with three sites per model run instead
+of 3 T.  Everything else (check-posterior, reconstruction, the per-step tests) sees the per-step
+sites.
+
 Models whose structure does not fit (a sequence-level latent, a Kalman smoother) override
 :meth:`DVAE.model` and use the same helpers.  Generation (:meth:`DVAE.generate`) samples from the
 prior step by step by evaluating these causal functions on the growing prefix; reconstruction
@@ -45,10 +51,29 @@ import pyro
 import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 
-from ..distributions import NormalSequence, ObservationSequence, get_likelihood
+from ..distributions import NormalSequence, ObservationSequence, SequenceSite, get_likelihood
 from ..nn import MLP, mlp, resolve_architecture
+from ..precision import full_precision
 
 _instance_counter = itertools.count()
+
+
+_FUSED = [False]
+
+
+@contextlib.contextmanager
+def fused_sites(enabled: bool = True):
+    """Within this context, models with ``fused_sites = True`` and their guides write each site
+    family (``z_1 .. z_T``, ``x_1 .. x_T``) as one site per sequence (``z``, ``x``) whose
+    log-density and KL are the sums of the per-step ones: the ELBO keeps its value (same weights,
+    seed and batch) with a fraction of Pyro's per-site cost.  Training and validation losses run
+    in it; analyses that read per-step sites (check-posterior, ``TraceMeanField_ELBO`` per step,
+    reconstruction) run outside it."""
+    old, _FUSED[0] = _FUSED[0], bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED[0] = old
 
 
 def _unique_pyro_name(prefix: str) -> str:
@@ -72,6 +97,9 @@ class DVAE(nn.Module):
     #: ``num_rnn_*`` LSTM layers, ``bidir_*``, ``activation`` of the hidden layers); the model and
     #: its guides read the resolved values from ``self.arch``
     architecture: Dict[str, object] = {}
+    #: whether the model and its guides may write fused sites (:func:`fused_sites`): true when
+    #: every per-step site family goes through the helpers below
+    fused_sites = True
 
     def __init__(self, x_dim: int = 257, z_dim: int = 16, likelihood="is", u_dim: int = 0,
                  **architecture):
@@ -207,11 +235,18 @@ class DVAE(nn.Module):
         versions = tuple(p._version for p in self.parameters())
         return (id(x), id(u), id(mask), x.dtype, torch.is_grad_enabled(), versions)
 
+    def fused(self) -> bool:
+        """Whether this run writes fused sites (inside :func:`fused_sites`, if the model allows)."""
+        return _FUSED[0] and self.fused_sites
+
     def sample_latents(self, name: str, x: torch.Tensor, mask=None, compute: Callable = None,
                        dim: Optional[int] = None) -> NormalSequence:
         """Sample sites ``name_1 .. name_T`` from a prior computed by ``compute(z) -> (loc, scale)``."""
         batch, T = x.shape[:2]
         seq = NormalSequence(batch, T, dim or self.z_dim, x, mask, compute=compute)
+        if self.fused():
+            seq.record_all(pyro.sample(name, SequenceSite(seq)))
+            return seq
         for t in pyro.markov(range(T)):
             seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t)))
         return seq
@@ -220,6 +255,9 @@ class DVAE(nn.Module):
         """Observed sites ``name_1 .. name_T`` with decoder outputs ``compute()`` (batch, T, P)."""
         batch, T, F = x.shape
         seq = ObservationSequence(batch, T, F, x, self.likelihood, compute, mask)
+        if self.fused():
+            seq.record_all(pyro.sample(name, SequenceSite(seq), obs=x))
+            return seq
         for t in pyro.markov(range(T)):
             seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t), obs=x[:, t]))
         return seq
@@ -323,6 +361,9 @@ class Guide(nn.Module):
         """Sites ``name_t`` with parameters known for all steps at once (no z recursion)."""
         batch, T = x.shape[:2]
         seq = NormalSequence(batch, T, loc.shape[-1], x, mask, loc=loc, scale=scale)
+        if self.model.fused():
+            seq.record_all(pyro.sample(name, SequenceSite(seq)))
+            return seq
         for t in pyro.markov(range(T)):
             seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t)))
         return seq
@@ -330,11 +371,29 @@ class Guide(nn.Module):
     def sample_chain(self, name: str, x: torch.Tensor, mask, step: Callable,
                      dim: Optional[int] = None) -> NormalSequence:
         """Sites ``name_t`` sampled in order; ``step(t, z_prev) -> (loc, scale)`` with z_prev the
-        previous sample (zeros at t = 1), each (batch, dim)."""
+        previous sample (zeros at t = 1), each (batch, dim).
+
+        The recursion runs in float32 even under bfloat16 autocast (its products are too small to
+        gain from bfloat16 and would pay a cast per step): tensors that ``step`` reads from
+        outside the loop must be float32 (:func:`pyro_dvae.precision.fp32`; the helpers
+        :func:`pyro_dvae.nn.stepwise` and :func:`pyro_dvae.nn.lstm_step` do this)."""
+        with full_precision(x):
+            return self._sample_chain(name, x, mask, step, dim)
+
+    def _sample_chain(self, name, x, mask, step, dim):
         batch, T = x.shape[:2]
         dim = dim or self.z_dim
         seq = NormalSequence(batch, T, dim, x, mask)
         z_prev = x.new_zeros(batch, dim)
+        if self.model.fused():  # the recursion draws every step, the fused site hands them out
+            for t in range(T):
+                loc, scale = step(t, z_prev)
+                z_prev = seq.record(t, seq.step(t, loc, scale).rsample())
+            value = pyro.sample(name, SequenceSite(seq))
+            if value is not seq.stacked():
+                raise RuntimeError(f"{type(self).__name__}: the fused site {name!r} was given a "
+                                   "value; condition or replay guides outside fused_sites()")
+            return seq
         for t in pyro.markov(range(T)):
             loc, scale = step(t, z_prev)
             z_prev = seq.record(t, pyro.sample(f"{name}_{t + 1}", seq.step(t, loc, scale)))

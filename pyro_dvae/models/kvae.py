@@ -66,6 +66,7 @@ class KVAE(DVAE):
 
     name = "kvae"
     predictive = True
+    fused_sites = False  # a_t and z_t are views of one Kalman filter (distributions/kalman.py)
 
     def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, a_dim=32, K=10,
                  alpha_hidden=50, vae_epochs=5, init_scale=0.05, transition_var=0.08,

@@ -36,6 +36,8 @@ run alone, generation) the model computes h_{1:T} in one LSTM call from its own 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pyro
 import torch
 from torch import nn
@@ -83,7 +85,13 @@ class VRNN(DVAE):
     def rnn_input(self, fx: torch.Tensor, fz: torch.Tensor, u_next=None) -> torch.Tensor:
         """Input of the d_h step that gives h_{t+1}: [phi_x(x_t), phi_z(z_t), (u_{t+1})]; works on
         one step (batch, .) and on stacked steps (batch, T, .) alike."""
-        return torch.cat([fx, fz] + ([] if u_next is None else [u_next]), -1)
+        return torch.cat(self.rnn_input_parts(fx, fz, u_next), -1)
+
+    @staticmethod
+    def rnn_input_parts(fx, fz, u_next=None) -> list:
+        """The pieces of :meth:`rnn_input` in their order (a guide passes ``fz=None`` to
+        :func:`pyro_dvae.nn.lstm_step`)."""
+        return [fx, fz] + ([] if u_next is None else [u_next])
 
     def initial_state(self, like: torch.Tensor) -> torch.Tensor:
         """h_1 = 0, (batch, hidden) (the authors' convention, module docstring)."""
@@ -101,10 +109,12 @@ class VRNN(DVAE):
             local["seq"] = z
             self.observe("x", x, mask, lambda: self.emission(z.stacked(), local, x, u))
 
-    def share_states(self, ctx: dict, values: list, h: torch.Tensor) -> None:
+    def share_states(self, ctx: dict, values: list, h: torch.Tensor,
+                     stacked: Optional[torch.Tensor] = None) -> None:
         """Called by a guide: h_{1:T} (batch, T, hidden) computed from ``ctx`` and the z values
-        ``values`` (the guide's sample tensors z_1..z_T)."""
-        self._guide_states = (ctx, list(values), h)
+        ``values`` (the guide's sample tensors z_1..z_T; ``stacked``: the same as one tensor, the
+        value of a fused site)."""
+        self._guide_states = (ctx, list(values), h, stacked)
 
     def _states_from_guide(self, z, ctx):
         shared, self._guide_states = self._guide_states, None
@@ -113,6 +123,8 @@ class VRNN(DVAE):
             return None
         if not seq.complete() or z is not seq.stacked() or len(shared[1]) != len(seq.values):
             return None
+        if shared[3] is not None and z is shared[3]:  # fused sites: the guide's z itself
+            return shared[2]
         if all(a is b for a, b in zip(seq.values, shared[1])):
             return shared[2]
         return None
