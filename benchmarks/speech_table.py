@@ -41,13 +41,14 @@ if str(ROOT) not in sys.path:
 
 def train_and_evaluate(name: str, data: str, out: str, epochs: int, lr: float, patience: int,
                        seq_len: int, batch_size: int, threads: int, seed: int,
-                       eval_workers: int, reuse: bool = False) -> dict:
+                       eval_workers: int, reuse: bool = False, precision: str = "fp32") -> dict:
     """One model: fit (early stopping on val), then evaluate best.pt on test.  Runs in a worker.
 
     If training raises after a best.pt was saved, the best epoch so far is still evaluated and the
     error is recorded in ``status``.  ``reuse``: take a finished (or crashed, or still running) run
     already in the run directory, and its ``eval_test.json`` when it is newer than ``best.pt``,
     instead of training again.
+    ``precision``: ``fp32`` or ``bf16`` training (:mod:`pyro_dvae.precision`).
     """
     import warnings
 
@@ -68,7 +69,7 @@ def train_and_evaluate(name: str, data: str, out: str, epochs: int, lr: float, p
     run_dir = Path(out) / "runs" / name
     model, guide = build(name)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                         seed=seed, threads=threads)
+                         seed=seed, threads=threads, precision=precision)
     error = None
     if reuse and (run_dir / "history.json").is_file() and (run_dir / "best.pt").is_file():
         history = json.loads((run_dir / "history.json").read_text())

@@ -192,8 +192,9 @@ def check_resumable(ckpt: Dict[str, Any], model, guide, config: TrainConfig, wor
             f"{path}: checkpoint of model {ckpt.get('model_name')!r} with guide "
             f"{ckpt.get('guide_name')!r}, not {model.name!r} with {guide.name!r}")
     saved = ckpt.get("train_config", {})
-    changed = [f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})"
-               for k in TRAJECTORY_FIELDS if saved.get(k) != getattr(config, k)]
+    old = {k: saved.get(k, TrainConfig.default(k)) for k in TRAJECTORY_FIELDS}
+    changed = [f"{k} ({old[k]!r} -> {getattr(config, k)!r})"
+               for k in TRAJECTORY_FIELDS if old[k] != getattr(config, k)]
     if ckpt.get("world_size", 1) != world_size:
         changed.append(f"number of processes ({ckpt.get('world_size', 1)} -> {world_size})")
     if changed:

@@ -8,9 +8,11 @@ from typing import Any, Dict, Optional
 
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from ..precision import PRECISIONS
+
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 #: training settings that change the optimisation trajectory; a resumed run must keep them
-TRAJECTORY_FIELDS = ("batch_size", "lr", "elbo", "kl_warmup", "clip_norm", "seed")
+TRAJECTORY_FIELDS = ("batch_size", "lr", "elbo", "kl_warmup", "clip_norm", "seed", "precision")
 
 
 @dataclass
@@ -20,7 +22,9 @@ class TrainConfig:
     The authors' released configurations used ``lr=1e-3``.  ``patience=0`` disables early stopping;
     ``kl_warmup=0`` means beta = 1 throughout; ``clip_norm=None`` no gradient clipping;
     ``threads=None`` leaves torch's thread count alone; ``num_workers`` > 0 loads batches in
-    worker processes (a torch DataLoader).
+    worker processes (a torch DataLoader).  ``precision``: ``"fp32"`` or ``"bf16"`` (mixed
+    precision, :mod:`pyro_dvae.precision`: bfloat16 autocast of the training forward pass, float32
+    weights, gradients, optimiser state and density sums; validation stays float32).
     """
 
     epochs: int = 100
@@ -33,6 +37,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     num_workers: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self):
         checks = [
@@ -49,10 +54,17 @@ class TrainConfig:
             (self.threads is None or self.threads >= 1,
              f"threads must be >= 1, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.precision in PRECISIONS,
+             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default value of field ``name`` (what a checkpoint without it was trained with)."""
+        return {f.name: f.default for f in fields(cls)}[name]
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":

@@ -21,6 +21,8 @@ from torch import nn
 import pyro
 
 from ..atomic import remove_orphans
+from ..models.base import fused_sites
+from ..precision import autocast
 from . import distributed
 from .batches import (check_data, device_of, epoch_permutation, frames, iterate_batches,
                       parameters, to_device)
@@ -163,10 +165,18 @@ class TrainingRun:
         elbo = ELBOS[self.config.elbo]()
         if self.par is None:
             model, guide = self.model, self.guide
-            self.step_loss = lambda *args: elbo.differentiable_loss(model.model, guide, *args)
+            loss = lambda *args: elbo.differentiable_loss(model.model, guide, *args)  # noqa: E731
         else:
-            self.step_loss = self.par.prepare(self.model, self.guide, elbo, self.train_set,
-                                              self.config.batch_size, seed)
+            loss = self.par.prepare(self.model, self.guide, elbo, self.train_set,
+                                    self.config.batch_size, seed)
+        precision, device = self.config.precision, self.device
+
+        def step_loss(*args):
+            # one site per family (same loss, fewer Pyro sites); the forward pass in `precision`
+            with fused_sites(), autocast(precision, device):
+                return loss(*args)
+
+        self.step_loss = step_loss
 
     # ---- files ----------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ import torch
 
 import pyro
 
+from ..models.base import fused_sites
 from .batches import device_of, frames, iterate_batches, parameters, to_device
 from .config import ELBOS
 
@@ -48,8 +49,9 @@ def loss_sums(model, guide, dataset, batches: List[List[int]], elbo: str = "trac
                 if batch_seeds is not None:
                     torch.manual_seed(batch_seeds[i])
                 x, mask, u = to_device(x, mask, u, device)
-                total += float(loss_fn.differentiable_loss(model.model, guide, x, u, mask,
-                                                           None, 1.0))
+                with fused_sites():  # the per-step loss, one site per family (float32)
+                    total += float(loss_fn.differentiable_loss(model.model, guide, x, u, mask,
+                                                               None, 1.0))
                 count += frames(x, mask)
     finally:
         model.train(was_training[0])
