@@ -177,6 +177,7 @@ def _resume_settings(ctx, out: Path, given: dict) -> dict:
               "batch_size": train.get("batch_size"), "lr": train.get("lr"),
               "elbo": train.get("elbo"), "kl_warmup": train.get("kl_warmup"),
               "clip_norm": train.get("clip_norm"), "seed": train.get("seed"),
+              "precision": train.get("precision", "fp32"),
               "epochs": train.get("epochs"), "patience": train.get("patience"),
               "threads": train.get("threads"), "num_workers": train.get("num_workers")}
     for name, value in given.items():
@@ -263,6 +264,29 @@ def _init_from(ctx, opts: dict):
     return model, guide, {"init_from": source}
 
 
+def compute_options(f):
+    """``--threads`` and ``--device`` of every command that runs a model (:func:`compute`)."""
+    f = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+                     show_default=True,
+                     help="where the model runs (auto: cuda when torch sees a GPU)")(f)
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="torch CPU threads (default: torch's choice)")(f)
+
+
+def compute(threads, device: str):
+    """Apply ``--threads`` and resolve ``--device`` (an unavailable one is a one-line error)."""
+    import torch
+
+    from .precision import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @cli.command("fit")
 @click.option("--model", "model", metavar="NAME", help="Registered model (pyro-dvae models).")
 @click.option("--guide", metavar="VARIANT", help="Guide variant (default: the model's).")
@@ -286,8 +310,10 @@ def _init_from(ctx, opts: dict):
 @click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Clip the gradient norm to this value.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (default: torch's choice).")
+@compute_options
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              show_default=True, help="bf16: mixed-precision training (bfloat16 autocast, float32 "
+                                      "weights and density sums).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
@@ -390,11 +416,10 @@ def _fit(ctx, opts: dict) -> None:
                              patience=opts["patience"], elbo=opts["elbo"],
                              kl_warmup=opts["kl_warmup"], clip_norm=opts["clip_norm"],
                              seed=opts["seed"], threads=opts["threads"],
-                             num_workers=opts["num_workers"])
+                             num_workers=opts["num_workers"], precision=opts["precision"])
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = compute(config.threads, opts["device"])
     say = (lambda *a: None) if opts["quiet"] else (lambda m: click.echo(m, err=True))
 
     data = None if opts["data"] is None else str(Path(opts["data"]).expanduser().resolve())
@@ -412,6 +437,8 @@ def _fit(ctx, opts: dict) -> None:
                 f"{model.u_dim}, the data {splits['train'].x_dim} and {data_u}")
     else:
         model, guide = _try_build(name, guide_name, kwargs, x_dim=splits["train"].x_dim)
+    model.to(device)
+    guide.to(device)
     meta = {"model_options": opts["model_option"], "data": data, "seq_len": opts["seq_len"]}
     if init is not None:
         meta.update(init_meta)
@@ -536,15 +563,18 @@ def _require_speech(config: dict, run_dir, command: str) -> None:
               help="with --nll: guide samples K per sequence")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="with --nll: seed of the guide samples")
+@compute_options
 @click.pass_context
-def evaluate_cmd(ctx, run_dir, data, split, out, workers, which, progress, nll, K, seed):
+def evaluate_cmd(ctx, run_dir, data, split, out, workers, which, progress, nll, K, seed, threads,
+                 device):
     """Resynthesise every utterance of a split and score it (RMSE, PESQ, STOI, SI-SDR; 13.2.3);
     for array data (.npz) the VLB per time step and per sequence; with --nll bound the
     log-likelihood with K guide samples per sequence."""
+    device = compute(threads, device)
     if nll:
         if _explicit(ctx, "workers"):
             raise click.ClickException("--workers is for the resynthesis metrics, not --nll")
-        return _evaluate_nll(run_dir, data, split, out, which, progress, K, seed)
+        return _evaluate_nll(run_dir, data, split, out, which, progress, K, seed, device)
     for name in ("K", "seed"):
         if _explicit(ctx, name):
             flag = "--particles" if name == "K" else "--seed"
@@ -552,12 +582,12 @@ def evaluate_cmd(ctx, run_dir, data, split, out, workers, which, progress, nll, 
     if _array_run(run_dir, data):
         if _explicit(ctx, "workers"):
             raise click.ClickException("--workers is for the resynthesis metrics of speech")
-        return _evaluate_vlb(run_dir, data, split, out, which, progress)
+        return _evaluate_vlb(run_dir, data, split, out, which, progress, device)
     from .speech import evaluate_run, format_table
 
     with speech_errors():
         result = evaluate_run(run_dir, data, split, out, workers=workers, progress=progress,
-                              which=which)
+                              which=which, device=device)
     label = f"{result['model']} ({result['guide']})"
     where = "the built-in corpus" if result["data"] is None else result["data"]
     click.echo(f"{result['n_files']} utterances of {split} in {where}, {which}.pt of {run_dir}\n")
@@ -580,7 +610,7 @@ def _array_run(run_dir: Path, data) -> bool:
     return is_array_file(data)
 
 
-def _evaluate_vlb(run_dir, data, split, out, which, progress):
+def _evaluate_vlb(run_dir, data, split, out, which, progress, device):
     """``evaluate`` of non-speech data: the VLB of the whole sequences, per time step and per
     sequence (one guide sample each: the bound of ``evaluate --nll`` with K = 1)."""
     from .nll import evaluate_run_nll
@@ -588,7 +618,8 @@ def _evaluate_vlb(run_dir, data, split, out, which, progress):
     out = Path(run_dir) / f"eval_{split}.json" if out is None else out
     with speech_errors():
         try:
-            r = evaluate_run_nll(run_dir, data, split, 1, out, which=which, progress=progress)
+            r = evaluate_run_nll(run_dir, data, split, 1, out, which=which, progress=progress,
+                                 device=device)
         except FloatingPointError as err:
             raise click.ClickException(str(err)) from None
     click.echo(f"{r['num_sequences']} sequences ({r['num_frames']} steps) of {split} in "
@@ -599,13 +630,13 @@ def _evaluate_vlb(run_dir, data, split, out, which, progress):
     click.echo(f"per-sequence values: {r['json']}")
 
 
-def _evaluate_nll(run_dir, data, split, out, which, progress, K, seed):
+def _evaluate_nll(run_dir, data, split, out, which, progress, K, seed, device):
     from .nll import evaluate_run_nll
 
     with speech_errors():
         try:
             r = evaluate_run_nll(run_dir, data, split, K, out, which=which, seed=seed,
-                                 progress=progress)
+                                 progress=progress, device=device)
         except FloatingPointError as err:
             raise click.ClickException(str(err)) from None
     se = r["std_error_per_step"]
@@ -629,14 +660,16 @@ def _evaluate_nll(run_dir, data, split, out, which, progress, K, seed):
 @click.argument("out_path", metavar="OUT.wav", type=click.Path(path_type=Path))
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="save original and reconstructed spectrograms side by side (PNG)")
-def resynth_cmd(run_dir, in_path, out_path, plot):
+@compute_options
+def resynth_cmd(run_dir, in_path, out_path, plot, threads, device):
     """Analysis-resynthesis of one audio file (any rate and channels in; 16 kHz mono out)."""
     from . import metrics
     from .speech import resynth_file
     from .train import load_run
 
+    device = compute(threads, device)
     with speech_errors():
-        model, guide, config = load_run(run_dir)
+        model, guide, config = load_run(run_dir, device=device)
         _require_speech(config, run_dir, "resynth")
         result = resynth_file(model, guide, in_path, out_path, plot)
     seconds = result.wave.size / 16000
@@ -656,13 +689,15 @@ def resynth_cmd(run_dir, in_path, out_path, plot):
 @click.option("--griffin-lim-iters", type=click.IntRange(min=0), default=100, show_default=True,
               help="Griffin-Lim iterations for the phase")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-def generate_cmd(run_dir, seconds, n, seed, griffin_lim_iters, out_dir):
+@compute_options
+def generate_cmd(run_dir, seconds, n, seed, griffin_lim_iters, out_dir, threads, device):
     """Sample speech from the model's prior; phase by Griffin-Lim; WAV files into OUT_DIR."""
     from .speech import generate_waves, save_waves
     from .train import load_run
 
+    device = compute(threads, device)
     with speech_errors():
-        model, _, config = load_run(run_dir)
+        model, _, config = load_run(run_dir, device=device)
         _require_speech(config, run_dir, "generate")
         waves = generate_waves(model, seconds, n, n_iter=griffin_lim_iters, seed=seed)
         paths = save_waves({Path(out_dir) / f"{config['model']}_{seed}_{i:03d}.wav": w

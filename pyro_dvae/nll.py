@@ -372,7 +372,8 @@ def _summarise(log_w: torch.Tensor, frames: torch.Tensor) -> NLLResult:
 # ---- a run directory: pyro-dvae evaluate --nll ---------------------------------------------------
 def evaluate_run_nll(run_dir, data=None, split: str = "test", K: int = 100,
                      out=None, which: str = "best", seed: int = 0,
-                     chunk_frames: int = 32768, progress: bool = False) -> Dict[str, Any]:
+                     chunk_frames: int = 32768, progress: bool = False,
+                     device="cpu") -> Dict[str, Any]:
     """``pyro-dvae evaluate --nll``: the bound of :func:`evaluate_nll` on every whole sequence of
     ``split`` of ``data`` (default: the data the run was trained on, from its config.json) for the
     ``which`` weights of ``run_dir``: the whole sequences of an array file
@@ -380,6 +381,7 @@ def evaluate_run_nll(run_dir, data=None, split: str = "test", K: int = 100,
     sequence per utterance of audio data (silence trimmed, as
     :func:`pyro_dvae.data.load_utterances`).  Writes the summary and the per-sequence values to
     ``out`` (default ``RUN_DIR/nll_<split>.json``, atomically) and returns them with ``json`` added.
+    The model runs on ``device``.
     """
     from pathlib import Path
 
@@ -387,7 +389,7 @@ def evaluate_run_nll(run_dir, data=None, split: str = "test", K: int = 100,
     from .train import load_run, write_json
 
     run_dir = Path(run_dir)
-    model, guide, config = load_run(run_dir, which)
+    model, guide, config = load_run(run_dir, which, device)
     if data is None:
         data = config.get("data")
     if is_array_file(data):

@@ -1,4 +1,5 @@
-"""Mixed precision for training and evaluation: ``fp32`` (default) or ``bf16``.
+"""Where and how models compute: the device (:func:`resolve_device`: cpu, cuda or auto) and the
+precision of training, ``fp32`` (default) or ``bf16`` mixed precision.
 
 ``bf16`` runs the forward pass under ``torch.autocast`` (CPU or CUDA) with bfloat16: matrix products
 and LSTMs run in bfloat16, while the parameters, their gradients and the optimiser state stay in
@@ -50,3 +51,19 @@ def fp32(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in (torch.bfloat16, torch.float16):
         return t.float()
     return t
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` (the current CUDA device; a ValueError with one line if torch sees
+    none) or ``"auto"`` (CUDA when torch sees a GPU, else the CPU)."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is "
+                         "False); use --device cpu or auto")
+    return torch.device(name)

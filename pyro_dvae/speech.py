@@ -440,17 +440,17 @@ def write_results(result: dict, json_path: PathLike, csv_path: Optional[PathLike
 
 def evaluate_run(run_dir: PathLike, data: Optional[PathLike] = None, split: str = "test",
                  out: Optional[PathLike] = None, workers: int = 0, progress: bool = True,
-                 which: str = "best", frames: str = "reference") -> dict:
+                 which: str = "best", frames: str = "reference", device="cpu") -> dict:
     """``pyro-dvae evaluate``: load a run, resynthesise and score every utterance of ``split`` of
     ``data`` (default: the data the run was trained on, recorded in its config.json; ``None``
     there means the built-in corpus), write JSON and CSV (default ``RUN_DIR/eval_<split>.json``).
-    ``frames``: see :func:`evaluate`.  Returns the result dict with ``json`` and ``csv`` paths
-    added."""
+    ``frames``: see :func:`evaluate`.  The model runs on ``device``.  Returns the result dict with
+    ``json`` and ``csv`` paths added."""
     from .data.datasets import load_utterances
     from .train import load_run
 
     run_dir = Path(run_dir)
-    model, guide, config = load_run(run_dir, which)
+    model, guide, config = load_run(run_dir, which, device)
     if data is None:
         data = config.get("data")
     with warnings.catch_warnings(record=True) as caught:

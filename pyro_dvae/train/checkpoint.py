@@ -133,11 +133,12 @@ def _read_config(run_dir: Path) -> dict:
 CONVENTIONS_CHANGED = ("srnn", "storn", "vrnn", "rvae-causal", "rvae-noncausal")
 
 
-def load_run(run_dir: Union[str, Path], which: str = "best"):
+def load_run(run_dir: Union[str, Path], which: str = "best",
+             device: Union[str, torch.device] = "cpu"):
     """Rebuild the registered model and guide of a run directory and load its weights.
 
     ``which``: ``"best"`` (best validation loss) or ``"last"``.  Returns ``(model, guide, config)``
-    with ``config`` the dict of ``config.json``; model and guide are in eval mode.  Raises
+    with ``config`` the dict of ``config.json``; model and guide are in eval mode, on ``device``.  Raises
     :class:`CheckpointError` (one-line message) for a directory without ``config.json`` or weights,
     an unregistered model name, or weights of another model.
     """
@@ -178,6 +179,8 @@ def load_run(run_dir: Union[str, Path], which: str = "best"):
                               f"({first})") from None
     load_state(model, ckpt["model"], "model", ckpt_path)
     load_state(guide, ckpt["guide"], "guide", ckpt_path)
+    model.to(device)
+    guide.to(device)
     model.eval()
     guide.eval()
     return model, guide, config
