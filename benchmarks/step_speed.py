@@ -1,143 +1,308 @@
 """Time one training step (forward, ELBO, backward, Adam) of every registered model.
 
-Paper sizes (13.1, 13.2.2): batch 32, T 150, 257 bins, z 16, hidden 128, one CPU thread, Pyro
-validation off (as in training).  For VAE, DKF (DKS guide) and SRNN the same networks are also timed
-with a plain-PyTorch loss (no Pyro: the guide's recursion written out, analytic KL plus IS term, as
-the reference implementation computes it), interleaved with the Pyro runs, and the ratio
-Pyro throughput / plain throughput is printed (target >= 0.9 for SRNN and DKF).
+Paper sizes (13.1, 13.2.2): batch 32, T 150, 257 bins, z 16, hidden 128, one CPU thread.  The
+pyro-dvae step is what ``pyro-dvae fit`` runs: the ELBO on fused sites
+(:func:`pyro_dvae.models.base.fused_sites`) with Pyro validation off, in ``--precision`` (fp32, or
+bf16 mixed precision, :mod:`pyro_dvae.precision`).  The baseline is a plain-PyTorch loss of the same
+networks and weights (no Pyro, always fp32), written the way the authors' reference implementation
+computes it: the guide's recursion step by step with the networks as modules (one-frame LSTM
+calls, concatenations), the prior and decoder vectorised over time, analytic KL plus the
+likelihood term.  It stands for the reference, which measured within 1.00-1.09x of it on SRNN on
+this machine (issue 14).  Pyro and baseline steps are interleaved round by round, so machine load
+hits both alike; the medians are reported, and the ratio pyro seq/s / baseline seq/s.
 
-    python benchmarks/step_speed.py [--models srnn dkf] [--repeats 7] [--elbo meanfield]
+    python benchmarks/step_speed.py [--models srnn dkf] [--precision fp32|bf16] [--T 150 600]
+        [--repeats 7] [--elbo meanfield|trace] [--device cpu|cuda|auto] [--json out.json]
 
-Prints sequences/second (median over repeats), the ratio, and peak RSS.
+Peak memory: on the CPU the growth of the peak RSS of a fresh process over two steps of one kind
+(peak RSS minus the RSS with torch, pyro, model and batch loaded; measured after the timing, one
+process per model and kind); on CUDA ``torch.cuda.max_memory_allocated`` of a step.  KVAE has no baseline (its Kalman smoother is
+issue 14 part 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import pyro
-import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-import pyro_dvae
-from pyro_dvae.nn import shift_right
-from pyro_dvae.registry import REGISTRY
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO  # noqa: E402
+
+import pyro_dvae  # noqa: E402
+from pyro_dvae.models.base import fused_sites  # noqa: E402
+from pyro_dvae.nn import shift_right  # noqa: E402
+from pyro_dvae.precision import autocast, resolve_device  # noqa: E402
+from pyro_dvae.registry import REGISTRY  # noqa: E402
+
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 
+# ---- the plain-PyTorch baselines ---------------------------------------------------------------
 def _kl(q_loc, q_scale, p_loc, p_scale):
     return (torch.log(p_scale / q_scale)
             + (q_scale ** 2 + (q_loc - p_loc) ** 2) / (2 * p_scale ** 2) - 0.5).sum((-1, -2))
 
 
-def _is_term(model, x, z, ctx):
-    return model.likelihood.log_prob(x, model.emission(z, ctx, x, None)).sum(-1)
+def _std_kl(loc, scale):
+    return _kl(loc, scale, torch.zeros_like(loc), torch.ones_like(scale))
+
+
+def _draw(loc, scale):
+    return loc + scale * torch.randn_like(loc)
+
+
+def _neg_vlb(model, x, params, kl):
+    return -(model.likelihood.log_prob(x, params).sum(-1) - kl).sum()
+
+
+def _chain(x, z_dim, step):
+    """The guide recursion step by step: ``step(t, z_prev) -> (loc, scale)``; stacked z, loc,
+    scale."""
+    z_prev, zs, locs, scales = x.new_zeros(x.shape[0], z_dim), [], [], []
+    for t in range(x.shape[1]):
+        loc, scale = step(t, z_prev)
+        z_prev = _draw(loc, scale)
+        zs.append(z_prev), locs.append(loc), scales.append(scale)
+    return torch.stack(zs, 1), torch.stack(locs, 1), torch.stack(scales, 1)
+
+
+def _recurrent_guide(guide, x):
+    """RVAE's guides (and STORN's consistent one): z-LSTM stepped as a module, e_z on a concat."""
+    gx, state = guide.x_summary(x, None, None), None
+
+    def step(t, z_prev):
+        nonlocal state
+        gz, state = guide.z_rnn.step(guide.z_features(z_prev), state)
+        return guide.head(guide.combiner(torch.cat([gx[:, t], gz], -1)))
+
+    return _chain(x, guide.z_dim, step)
 
 
 def plain_loss(model, guide, x):
-    """Negative VLB per batch without Pyro (analytic KL, reparameterised z), same networks."""
+    """Negative VLB of the batch without Pyro (same networks), or None for a model without one."""
     name = model.name
     if name == "vae":
         loc, scale = guide.head(guide.encoder(x))
-        z = loc + scale * torch.randn_like(loc)
-        kl = _kl(loc, scale, torch.zeros_like(loc), torch.ones_like(scale))
-        return -(_is_term(model, x, z, {}) - kl).sum()
+        z = _draw(loc, scale)
+        return _neg_vlb(model, x, model.emission(z, {}, x, None), _std_kl(loc, scale))
     if name == "dkf":
         x_part = guide.x_summary(x, None, None)[0]
-        z_prev, zs, locs, scales = x.new_zeros(x.shape[0], model.z_dim), [], [], []
-        for t in range(x.shape[1]):
-            loc, scale = guide.head(guide.combiner((guide.z_net(z_prev) + x_part[:, t]) / 2))
-            z_prev = loc + scale * torch.randn_like(loc)
-            zs.append(z_prev), locs.append(loc), scales.append(scale)
-        z, loc, scale = torch.stack(zs, 1), torch.stack(locs, 1), torch.stack(scales, 1)
+        z, loc, scale = _chain(x, model.z_dim, lambda t, z_prev: guide.head(
+            guide.combiner((guide.z_net(z_prev) + x_part[:, t]) / 2)))
         p_loc, p_scale = model.transition(shift_right(z))
-        return -(_is_term(model, x, z, {}) - _kl(loc, scale, p_loc, p_scale)).sum()
+        return _neg_vlb(model, x, model.emission(z, {}, x, None), _kl(loc, scale, p_loc, p_scale))
     if name == "srnn":
         ctx = model.context(x, None, None)
         g = guide.summary(x, ctx["h"], None)
-        z_prev, zs, locs, scales = x.new_zeros(x.shape[0], model.z_dim), [], [], []
-        for t in range(x.shape[1]):
-            loc, scale = guide.head(guide.combiner(torch.cat([z_prev, g[:, t]], -1)))
-            z_prev = loc + scale * torch.randn_like(loc)
-            zs.append(z_prev), locs.append(loc), scales.append(scale)
-        z, loc, scale = torch.stack(zs, 1), torch.stack(locs, 1), torch.stack(scales, 1)
+        z, loc, scale = _chain(x, model.z_dim, lambda t, z_prev: guide.head(
+            guide.combiner(torch.cat([g[:, t], z_prev], -1))))
         p_loc, p_scale = model.prior(z, ctx, x, None)
-        return -(_is_term(model, x, z, ctx) - _kl(loc, scale, p_loc, p_scale)).sum()
-    if name == "vrnn":
-        ctx = model.context(x, None, None)
-        fx, x_in = ctx["fx"], ctx["x_in"]
-        fz_prev, state, zs, hs, locs, scales = x.new_zeros(x.shape[0], 64), None, [], [], [], []
-        for t in range(x.shape[1]):
-            h, state = model.h_rnn.step(torch.cat([x_in[:, t], fz_prev], -1), state)
-            loc, scale = guide.head(guide.encoder(torch.cat([fx[:, t], h], -1)))
-            z = loc + scale * torch.randn_like(loc)
-            fz_prev = model.z_features(z)
-            zs.append(z), hs.append(h), locs.append(loc), scales.append(scale)
-        z, h, loc, scale = (torch.stack(v, 1) for v in (zs, hs, locs, scales))
+        return _neg_vlb(model, x, model.emission(z, ctx, x, None),
+                        _kl(loc, scale, p_loc, p_scale))
+    if name == "storn" and guide.name == "filtering":
+        loc, scale = guide.head(guide.combiner(guide.g_rnn(guide.x_features(x))))
+        z = _draw(loc, scale)
+        return _neg_vlb(model, x, model.emission(z, {}, x, None), _std_kl(loc, scale))
+    if name == "vrnn" and guide.name == "filtering":
+        fx = model.x_features(x)
+        state, hs = None, []
+
+        def step(t, z_prev):
+            nonlocal state
+            if t == 0:
+                h = x.new_zeros(x.shape[0], model.hidden)
+            else:
+                h, state = model.h_rnn.step(torch.cat([fx[:, t - 1], model.z_features(z_prev)],
+                                                      -1), state)
+            hs.append(h)
+            return guide.head(guide.encoder(torch.cat([fx[:, t], h], -1)))
+
+        z, loc, scale = _chain(x, model.z_dim, step)
+        h = torch.stack(hs, 1)
         p_loc, p_scale = model.prior_head(model.prior_net(h))
         params = model.x_out(model.decoder(torch.cat([model.z_features(z), h], -1)))
-        return -(model.likelihood.log_prob(x, params).sum(-1)
-                 - _kl(loc, scale, p_loc, p_scale)).sum()
+        return _neg_vlb(model, x, params, _kl(loc, scale, p_loc, p_scale))
+    if name in ("rvae-causal", "rvae-noncausal"):
+        z, loc, scale = _recurrent_guide(guide, x)
+        return _neg_vlb(model, x, model.emission(z, {}, x, None), _std_kl(loc, scale))
+    if name == "dsae" and guide.name == "full":
+        H = guide.hidden
+        feat = guide.x_features(x)
+        g = guide.v_rnn(feat)
+        v_loc, v_scale = guide.v_head(guide.v_net(torch.cat([g[:, -1, :H], g[:, 0, H:]], -1)))
+        v = _draw(v_loc, v_scale)
+        loc, scale = guide.z_params(feat, v, None)
+        z = _draw(loc, scale)
+        p_loc, p_scale = model.prior(z, {}, x, None)
+        kl = _kl(loc, scale, p_loc, p_scale) + _std_kl(v_loc[:, None], v_scale[:, None])
+        return _neg_vlb(model, x, model.emission(z, {"v": v}, x, None), kl)
     return None
 
 
-def bench(name, x, elbo, repeats):
-    """Sequences/second of the Pyro step and (None if not written) of the plain-PyTorch step."""
+# ---- timing ------------------------------------------------------------------------------------
+def _build(name, device):
     model, guide = pyro_dvae.build(name)
-    opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-4)
-    has_plain = plain_loss(model, guide, x[:2]) is not None
+    return model.to(device), guide.to(device)
 
-    def step(loss_fn):
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss_fn().backward()
-        opt.step()
-        return time.perf_counter() - t0
+
+def _step_fns(model, guide, x, elbo, precision):
+    device = x.device
 
     def pyro_loss():
-        return elbo.differentiable_loss(model.model, guide, x, None, None, 10000)
+        with fused_sites(), autocast(precision, device):
+            return elbo.differentiable_loss(model.model, guide, x, None, None, 10000)
 
-    def torch_loss():
+    def plain():
         return plain_loss(model, guide, x)
 
-    step(pyro_loss)  # warm-up
-    if has_plain:
-        step(torch_loss)
-    tp, tb = [], []
-    for _ in range(repeats):  # interleaved, so machine load hits both alike
-        tp.append(step(pyro_loss))
-        if has_plain:
-            tb.append(step(torch_loss))
-    batch = x.shape[0]
-    return batch / statistics.median(tp), (batch / statistics.median(tb) if has_plain else None)
+    return pyro_loss, plain
 
 
-def main():
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(name, x, elbo, repeats, precision):
+    """Median seconds per step of the pyro-dvae step and of the baseline (None if it has none),
+    interleaved; on CUDA also the peak memory of each (bytes)."""
+    model, guide = _build(name, x.device)
+    opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-4)
+    pyro_loss, plain = _step_fns(model, guide, x, elbo, precision)
+    kinds = {"pyro": pyro_loss}
+    if plain_loss(model, guide, x[:2]) is not None:
+        kinds["plain"] = plain
+    cuda = x.device.type == "cuda"
+    times, peaks = {k: [] for k in kinds}, {}
+
+    def step(k):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(x.device)
+        _sync(x.device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        kinds[k]().backward()
+        opt.step()
+        _sync(x.device)
+        if cuda:
+            peaks[k] = torch.cuda.max_memory_allocated(x.device)
+        return time.perf_counter() - t0
+
+    for k in kinds:  # warm-up
+        step(k)
+    for _ in range(repeats):
+        for k in kinds:
+            times[k].append(step(k))
+    return {k: statistics.median(v) for k, v in times.items()}, peaks
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def memory_probe(name, kind, T, batch, elbo, precision, device) -> float:
+    """Peak RSS growth (MB) of this fresh process over two steps of ``kind`` (``pyro``/``plain``):
+    the peak RSS minus the RSS once torch, pyro, the model and the batch are in memory."""
+    x = torch.rand(batch, T, 257, device=device) + 1e-3
+    model, guide = _build(name, x.device)
+    opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-4)
+    fn = dict(zip(("pyro", "plain"), _step_fns(model, guide, x, ELBOS[elbo](), precision)))[kind]
+    before = _rss_mb()
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        fn().backward()
+        opt.step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def _probe(args, name, kind, T):
+    cmd = [sys.executable, __file__, "--probe", name, kind, "--T", str(T), "--batch",
+           str(args.batch), "--elbo", args.elbo, "--precision", args.precision, "--threads",
+           str(args.threads), "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=list(REGISTRY))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--T", type=int, default=150)
-    ap.add_argument("--elbo", choices=["trace", "meanfield"], default="meanfield")
+    ap.add_argument("--T", type=int, nargs="+", default=[150])
+    ap.add_argument("--elbo", choices=list(ELBOS), default="meanfield")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--probe", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
-    elbo = (TraceMeanField_ELBO if args.elbo == "meanfield" else Trace_ELBO)()
-    x = torch.rand(args.batch, args.T, 257) + 1e-3
-    print(f"batch {args.batch}, T {args.T}, F 257, z 16, {args.threads} thread(s), "
-          f"ELBO {args.elbo}, median of {args.repeats}")
-    print(f"{'model':16s} {'pyro seq/s':>11s} {'plain seq/s':>12s} {'ratio':>6s}")
-    for name in args.models:
-        sp, sb = bench(name, x, elbo, args.repeats)
-        if sb is None:
-            print(f"{name:16s} {sp:11.1f} {'-':>12s} {'-':>6s}")
-        else:
-            print(f"{name:16s} {sp:11.1f} {sb:12.1f} {sp / sb:6.2f}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {peak:.0f} MB")
+    device = resolve_device(args.device)
+    if args.probe:
+        print(memory_probe(args.probe[0], args.probe[1], args.T[0], args.batch, args.elbo,
+                           args.precision, device))
+        return
+    elbo = ELBOS[args.elbo]()
+    print(f"batch {args.batch}, F 257, z 16, {args.threads} thread(s), device {device}, ELBO "
+          f"{args.elbo}, pyro-dvae in {args.precision} (baseline fp32), median of "
+          f"{args.repeats} interleaved rounds; {cpu_model()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, pyro {pyro.__version__}")
+    rows = []
+    for T in args.T:
+        x = torch.rand(args.batch, T, 257, device=device) + 1e-3
+        for name in args.models:
+            med, peaks = bench(name, x, elbo, args.repeats, args.precision)
+            row = {"model": name, "guide": REGISTRY[name].default_guide, "T": T,
+                   "pyro_seq_s": args.batch / med["pyro"],
+                   "plain_seq_s": args.batch / med["plain"] if "plain" in med else None}
+            row["ratio"] = (row["pyro_seq_s"] / row["plain_seq_s"]) if row["plain_seq_s"] else None
+            if device.type == "cuda":
+                row.update({f"{k}_peak_mb": v / 2 ** 20 for k, v in peaks.items()})
+            rows.append(row)
+            print(f"  measured {name} T={T}", file=sys.stderr, flush=True)
+    if device.type == "cpu" and not args.no_memory:
+        for row in rows:
+            for kind in ("pyro", "plain"):
+                if kind == "pyro" or row["plain_seq_s"] is not None:
+                    row[f"{kind}_peak_mb"] = _probe(args, row["model"], kind, row["T"])
+    mem = "peak MB" if device.type == "cuda" else "step RSS MB"
+    print(f"\n| model (guide) | T | pyro-dvae seq/s | baseline seq/s | ratio | pyro-dvae {mem} "
+          f"| baseline {mem} |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+        print(f"| {r['model']} ({r['guide']}) | {r['T']} | {r['pyro_seq_s']:.1f} | "
+              f"{f(r['plain_seq_s'], '.1f')} | {f(r['ratio'], '.2f')} | "
+              f"{f(r.get('pyro_peak_mb'), '.0f')} | {f(r.get('plain_peak_mb'), '.0f')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

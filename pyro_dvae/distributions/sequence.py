@@ -61,15 +61,24 @@ class _Sequence:
         self.batch, self.T, self.dim = batch, T, dim
         self.dtype, self.device = like.dtype, like.device
         self.mask = None if mask is None else mask.to(device=like.device, dtype=torch.bool)
-        self.values: List[Optional[torch.Tensor]] = [None] * T
+        self._values: Optional[List[Optional[torch.Tensor]]] = [None] * T
         self._num_recorded = 0
         self._stacked = None
         self._log_prob = None
         self._log_prob_steps = None
 
+    @property
+    def values(self) -> List[Optional[torch.Tensor]]:
+        """The recorded value of each step (None where not yet recorded); after
+        :meth:`record_all`, views of the recorded tensor, made when first asked for."""
+        if self._values is None:
+            self._values = list(self._stacked.unbind(1))
+        return self._values
+
     def record(self, t: int, value: torch.Tensor) -> torch.Tensor:
-        self._num_recorded += self.values[t] is None
-        self.values[t] = value
+        values = self.values
+        self._num_recorded += values[t] is None
+        values[t] = value
         self._stacked = None
         self._log_prob = None
         return value
@@ -78,7 +87,7 @@ class _Sequence:
         """Record the values of all steps at once, ``value`` (batch, T, dim) (a fused site)."""
         if value is self._stacked and self.complete():
             return value
-        self.values = list(value.unbind(1))
+        self._values = None
         self._num_recorded = self.T
         self._stacked = value
         self._log_prob = None
@@ -149,8 +158,9 @@ class NormalSequence(_Sequence):
         All parameters given: one vectorised draw (the per-step sites' :meth:`draw_all`);
         parameters computed from the values (a model's prior run without a guide): step by step
         on the prefix."""
-        if self.given_params():
-            return self.record_all(torch.stack(self.draw_all(), 1))
+        if self.given_params():  # the draw of draw_all(), not split into steps
+            loc, scale = self._params
+            return self.record_all(loc + scale * torch.randn_like(loc))
         for t in range(self.T):
             loc, scale = self.step_params(t)
             self.record(t, loc + scale * torch.randn_like(loc))
@@ -206,13 +216,19 @@ class NormalSequence(_Sequence):
             q_loc, q_scale = self.params()
             p_loc, p_scale = prior.params()
             kl = self._masked(_normal_kl(q_loc, q_scale, p_loc, p_scale))
-            self._kl[key] = (prior, kl, kl.unbind(1))
+            self._kl[key] = [prior, kl, None]
         return self._kl[key][1]
 
     def kl_steps(self, prior: "NormalSequence"):
-        """:meth:`kl` split into T tensors (batch,) by one ``unbind``."""
-        self.kl(prior)
-        return self._kl[id(prior)][2]
+        """:meth:`kl` split into T tensors (batch,) by one ``unbind`` (made when first asked for:
+        a fused site needs only the sum)."""
+        entry = self._kl[id(prior)] if id(prior) in self._kl else None
+        if entry is None:
+            self.kl(prior)
+            entry = self._kl[id(prior)]
+        if entry[2] is None:
+            entry[2] = entry[1].unbind(1)
+        return entry[2]
 
 
 class _StepView(TorchDistribution):
