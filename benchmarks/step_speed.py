@@ -16,8 +16,8 @@ hits both alike; the medians are reported, and the ratio pyro seq/s / baseline s
 
 Peak memory: on the CPU the growth of the peak RSS of a fresh process over two steps of one kind
 (peak RSS minus the RSS with torch, pyro, model and batch loaded; measured after the timing, one
-process per model and kind); on CUDA ``torch.cuda.max_memory_allocated`` of a step.  KVAE has no baseline (its Kalman smoother is
-issue 14 part 2).
+process per model and kind); on CUDA ``torch.cuda.max_memory_allocated`` of a step.  KVAE has no
+baseline (its Kalman smoother is issue 14 part 2).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,8 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +46,7 @@ from pyro_dvae.models.base import fused_sites  # noqa: E402
 from pyro_dvae.nn import shift_right  # noqa: E402
 from pyro_dvae.precision import autocast, resolve_device  # noqa: E402
 from pyro_dvae.registry import REGISTRY  # noqa: E402
+from speech_table import cpu_model  # noqa: E402
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
@@ -235,16 +236,6 @@ def _probe(args, name, kind, T):
            str(args.threads), "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main(argv=None):

@@ -95,7 +95,8 @@ def _float64(fn):
 def test_stepwise_equals_the_mlp_on_the_concatenation(order):
     def check():
         a, b, y = torch.randn(2, 6, 5), torch.randn(2, 6, 2), torch.randn(2, 6, 3)
-        parts = {"step_first": [None, a], "step_last": [a, None], "step_middle": [a, None, b]}[order]
+        parts = {"step_first": [None, a], "step_last": [a, None],
+                 "step_middle": [a, None, b]}[order]
         mlp = MLP(3 + sum(p.shape[-1] for p in parts if p is not None), 7, "tanh", 4, "relu")
         at = stepwise(mlp, parts)
         for t in range(6):

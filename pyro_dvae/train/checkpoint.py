@@ -138,9 +138,9 @@ def load_run(run_dir: Union[str, Path], which: str = "best",
     """Rebuild the registered model and guide of a run directory and load its weights.
 
     ``which``: ``"best"`` (best validation loss) or ``"last"``.  Returns ``(model, guide, config)``
-    with ``config`` the dict of ``config.json``; model and guide are in eval mode, on ``device``.  Raises
-    :class:`CheckpointError` (one-line message) for a directory without ``config.json`` or weights,
-    an unregistered model name, or weights of another model.
+    with ``config`` the dict of ``config.json``; model and guide are in eval mode, on ``device``.
+    Raises :class:`CheckpointError` (one-line message) for a directory without ``config.json`` or
+    weights, an unregistered model name, or weights of another model.
     """
     from ..registry import REGISTRY, build
 
