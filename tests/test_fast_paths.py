@@ -2,7 +2,7 @@
 
 - Fused sites (:func:`pyro_dvae.models.base.fused_sites`): one site per family and sequence gives
   the per-step ELBO, for every registered model and guide, Trace and TraceMeanField, with masks,
-  same weights, seed and batch; and the same gradients.
+  data-set scaling and a KL weight, same weights, seed and batch; and the same gradients.
 - The written-out recursions of :mod:`pyro_dvae.nn` (``stepwise``, ``lstm_step``,
   ``gaussian_head_step``) equal the modules they stand for (an MLP on the concatenation, one-frame
   ``nn.LSTM`` steps, :class:`~pyro_dvae.nn.GaussianHead`), in float64.
@@ -27,7 +27,7 @@ PAIRS = [(name, g) for name, entry in REGISTRY.items() for g in entry.guides]
 def _loss(model, guide, elbo_cls, x, mask, fused, seed=3):
     pyro.set_rng_seed(seed)
     with fused_sites(fused):
-        return elbo_cls().differentiable_loss(model.model, guide, x, None, mask, 40)
+        return elbo_cls().differentiable_loss(model.model, guide, x, None, mask, 40, 0.3)
 
 
 @pytest.mark.parametrize("name,guide_name", PAIRS, ids=[f"{n}-{g}" for n, g in PAIRS])
