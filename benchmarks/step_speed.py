@@ -14,9 +14,9 @@ hits both alike; the medians are reported, and the ratio pyro seq/s / baseline s
     python benchmarks/step_speed.py [--models srnn dkf] [--precision fp32|bf16] [--T 150 600]
         [--repeats 7] [--elbo meanfield|trace] [--device cpu|cuda|auto] [--json out.json]
 
-Peak memory: on the CPU the growth of the peak RSS of a fresh process over two steps of one kind
-(peak RSS minus the RSS with torch, pyro, model and batch loaded; measured after the timing, one
-process per model and kind); on CUDA ``torch.cuda.max_memory_allocated`` of a step.  KVAE has no
+Peak memory: on the CPU the growth of the RSS of a fresh process during two steps of one kind
+(sampled every millisecond; peak minus the RSS with torch, pyro, model and batch loaded; measured
+after the timing, one process per model and kind); on CUDA ``torch.cuda.max_memory_allocated`` of a step.  KVAE has no
 baseline (its Kalman smoother is issue 14 part 2).
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -216,18 +215,38 @@ def _rss_mb() -> float:
 
 
 def memory_probe(name, kind, T, batch, elbo, precision, device) -> float:
-    """Peak RSS growth (MB) of this fresh process over two steps of ``kind`` (``pyro``/``plain``):
-    the peak RSS minus the RSS once torch, pyro, the model and the batch are in memory."""
+    """Peak RSS growth (MB) of this fresh process during two steps of ``kind`` (``pyro`` or
+    ``plain``), sampled every millisecond by a thread: the peak minus the RSS just before the
+    steps (torch, pyro, model, optimiser and batch loaded, the allocator's free memory returned to
+    the system with ``malloc_trim``)."""
+    import ctypes
+    import threading
+
     x = torch.rand(batch, T, 257, device=device) + 1e-3
     model, guide = _build(name, x.device)
     opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-4)
     fn = dict(zip(("pyro", "plain"), _step_fns(model, guide, x, ELBOS[elbo](), precision)))[kind]
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     before = _rss_mb()
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
         fn().backward()
         opt.step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    done.set()
+    sampler.join()
+    return max(peak[0], _rss_mb()) - before
 
 
 def _probe(args, name, kind, T):
