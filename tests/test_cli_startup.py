@@ -8,8 +8,10 @@ import pytest
 
 from pyro_dvae.registry import REGISTRY
 
-COMMANDS = [["--help"], ["models"]] + [[name, "--help"] for name in
-                                       ("fit", "check-posterior", "evaluate", "resynth", "generate")]
+from pyro_dvae.cli import cli
+
+#: the top-level help, the model list and every subcommand's --help
+COMMANDS = [["--help"], ["models"]] + [[name, "--help"] for name in sorted(cli.commands)]
 
 PROBE = """
 import sys
