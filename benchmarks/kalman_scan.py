@@ -3,8 +3,8 @@
     python benchmarks/kalman_scan.py [--T 150 600 2400] [--batch 32] [--repeats 3]
                                      [--methods sequential scan] [--threads 1]
 
-For each T: seconds per training step (forward, ELBO, backward, Adam; TraceMeanField_ELBO as in
-benchmarks/step_speed.py) of SRNN and of KVAE with each Kalman method (``-o kalman_method``),
+For each T: seconds per training step (forward, ELBO, backward, Adam; TraceMeanField_ELBO on fused
+sites, as ``fit`` and benchmarks/step_speed.py run it) of SRNN and of KVAE with each Kalman method (``-o kalman_method``),
 interleaved so that machine load hits all alike, medians over ``--repeats``; the ratio KVAE / SRNN;
 then the Kalman part alone at KVAE's sizes (L 16, D 32, float64: filter, backward factors, one
 joint draw of z_{1:T} and its density, forward and backward) per method, with the number of
@@ -16,6 +16,7 @@ Run on a checkout without ``kalman_method`` (before the scan), KVAE is timed wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -24,6 +25,11 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 import pyro_dvae
+
+try:  # a checkout from before fused sites times the per-step sites
+    from pyro_dvae.models.base import fused_sites
+except ImportError:
+    fused_sites = contextlib.nullcontext
 
 
 def _trainer(name, x, **options):
@@ -34,7 +40,9 @@ def _trainer(name, x, **options):
     def step():
         t0 = time.perf_counter()
         opt.zero_grad()
-        elbo.differentiable_loss(model.model, guide, x, None, None, 10000).backward()
+        with fused_sites():
+            loss = elbo.differentiable_loss(model.model, guide, x, None, None, 10000)
+        loss.backward()
         opt.step()
         return time.perf_counter() - t0
 

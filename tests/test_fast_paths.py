@@ -62,11 +62,39 @@ def test_fused_sites_are_one_per_family_and_only_inside_the_context():
     assert "z_4" in tr.nodes and "z" not in tr.nodes
 
 
-def test_kvae_keeps_its_per_step_sites_when_fusing():
+def test_kvae_fuses_its_kalman_sites():
+    """KVAE's a_t and z_t sites fuse too: ``a`` (q(a_t | x_t) in the guide, the Kalman filter's
+    p(a_{1:T}) in the model), ``z`` (the exact posterior, one object shared by model and guide)
+    and ``x``; outside the context the per-step sites."""
     model, guide = pyro_dvae.build("kvae", x_dim=6, z_dim=3)
+    x = torch.rand(2, 4, 6) + 0.1
     with fused_sites():
-        tr = pyro.poutine.trace(guide).get_trace(torch.rand(2, 4, 6) + 0.1)
-    assert "a_1" in tr.nodes and "a" not in tr.nodes
+        gtr = pyro.poutine.trace(guide).get_trace(x)
+        mtr = pyro.poutine.trace(pyro.poutine.replay(model.model, trace=gtr)).get_trace(x)
+    assert [n for n, s in mtr.nodes.items() if s["type"] == "sample"] == [
+        "sequences", "a", "z", "x"]
+    assert mtr.nodes["z"]["fn"] is gtr.nodes["z"]["fn"]
+    assert gtr.nodes["z"]["fn"].event_shape == (4, 3)
+    tr = pyro.poutine.trace(guide).get_trace(x)
+    assert "a_1" in tr.nodes and "z_4" in tr.nodes and "a" not in tr.nodes
+
+
+def test_kvae_fused_model_alone_samples_a_step_by_step():
+    model, _ = pyro_dvae.build("kvae", x_dim=6, z_dim=3)
+    x = torch.rand(2, 4, 6) + 0.1
+    pyro.set_rng_seed(0)
+    with fused_sites():
+        tr = pyro.poutine.trace(model.model).get_trace(x)
+    tr.compute_log_prob()
+    a, z = tr.nodes["a"]["value"], tr.nodes["z"]["value"]
+    assert a.shape == (2, 4, model.a_dim) and z.shape == (2, 4, 3)
+    assert torch.isfinite(tr.nodes["a"]["log_prob"]).all()
+    # the fused site's density is the per-step sites' sum for the same a_{1:T}
+    per_step = pyro.poutine.trace(pyro.poutine.condition(
+        model.model, data={f"a_{t + 1}": a[:, t] for t in range(4)})).get_trace(x)
+    per_step.compute_log_prob()
+    total = sum(per_step.nodes[f"a_{t + 1}"]["log_prob"] for t in range(4))
+    assert torch.allclose(tr.nodes["a"]["log_prob"], total.to(tr.nodes["a"]["log_prob"].dtype))
 
 
 def test_fused_model_alone_samples_its_prior_step_by_step():

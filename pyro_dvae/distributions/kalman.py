@@ -63,7 +63,7 @@ from typing import Callable, NamedTuple, Tuple
 import pyro
 import torch
 from pyro.distributions import TorchDistribution
-from torch.distributions import constraints
+from torch.distributions import constraints, register_kl
 
 #: how the filter, smoother and backward sampler run over time (module docstring)
 METHODS = ("auto", "scan", "sequential")
@@ -731,8 +731,12 @@ class KalmanPosterior(TorchDistribution):
             return None
         return self._draw[t]
 
-    def sample_sites(self, name: str = "z") -> torch.Tensor:
-        """Emit Pyro sites ``name_T, ..., name_1`` (backward sampling); returns z (..., T, L)."""
+    def sample_sites(self, name: str = "z", fused: bool = False) -> torch.Tensor:
+        """Emit Pyro sites ``name_T, ..., name_1`` (backward sampling), or with ``fused`` one site
+        ``name`` of event shape (T, L) (this distribution itself; the same draw and density);
+        returns z (..., T, L)."""
+        if fused:
+            return pyro.sample(name, self)
         for t in pyro.markov(range(self.T - 1, -1, -1)):
             self.record(t, pyro.sample(f"{name}_{t + 1}", self.step(t)))
         return self.stacked()
@@ -796,3 +800,23 @@ class KalmanStep(TorchDistribution):
             return self  # keeps Pyro's plate from wrapping the view
         raise NotImplementedError(
             f"KalmanStep cannot be expanded from {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+
+
+# ---- KL divergences for TraceMeanField_ELBO -----------------------------------------------------
+# A model whose prior over z_{1:T} is the guide's exact posterior (KVAE: p(z | a) in both, one
+# object) has KL(q || p) = 0 at every step, identically in the parameters: registering it lets
+# TraceMeanField_ELBO take that exact 0 instead of log q - log p (the same value, 0, computed from
+# the backward factors, the sampler and their gradients, which cancel between model and guide).
+# Any other pair is left to the Monte Carlo term (NotImplementedError), per step and fused alike.
+@register_kl(KalmanStep, KalmanStep)
+def _kl_kalman_step(q: KalmanStep, p: KalmanStep):
+    if q.posterior is p.posterior and q.t == p.t:
+        return q.posterior.offset.new_zeros(q.batch_shape)
+    raise NotImplementedError
+
+
+@register_kl(KalmanPosterior, KalmanPosterior)
+def _kl_kalman_posterior(q: KalmanPosterior, p: KalmanPosterior):
+    if q is p:
+        return q.offset.new_zeros(q.batch_shape)
+    raise NotImplementedError

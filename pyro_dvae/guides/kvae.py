@@ -32,7 +32,9 @@ class KVAEGuide(Guide):
         loc, scale = self.head(self.encoder(x))
         a = self.sample_independent("a", x, mask, loc, scale)
         # shared with the model's p(a_t | a_{1:t-1}) and p(z | a) (one Kalman filter per step)
-        self.model.exact_posterior(a.values, u, mask).sample_sites("z")
+        fused = self.model.fused()
+        post = self.model.exact_posterior(a.stacked() if fused else a.values, u, mask)
+        post.sample_sites("z", fused=fused)
 
 
 GUIDES = {g.name: g for g in (KVAEGuide,)}

@@ -66,7 +66,6 @@ class KVAE(DVAE):
 
     name = "kvae"
     predictive = True
-    fused_sites = False  # a_t and z_t are views of one Kalman filter (distributions/kalman.py)
 
     def __init__(self, x_dim=257, z_dim=16, likelihood="is", u_dim=0, a_dim=32, K=10,
                  alpha_hidden=50, vae_epochs=5, init_scale=0.05, transition_var=0.08,
@@ -153,20 +152,21 @@ class KVAE(DVAE):
 
     def exact_posterior(self, values, u: Optional[torch.Tensor] = None,
                         mask: Optional[torch.Tensor] = None):
-        """p(z_{1:T} | a_{1:T}) (6.11) for a_t = ``values[t]`` (batch, a_dim), a KalmanPosterior.
+        """p(z_{1:T} | a_{1:T}) (6.11) for a_t = ``values[t]`` (batch, a_dim), or for ``values``
+        the stacked a (batch, T, a_dim) (fused sites), a KalmanPosterior.
 
         Computed once when the guide and then the model (replaying the guide's a_t) ask for it
         with the same tensors and unchanged parameters: the model takes the guide's object (one
         Kalman filter per ELBO evaluation, as :meth:`DVAE.shared_context` does for RNN states).
         """
-        values = tuple(values)
+        values = (values,) if torch.is_tensor(values) else tuple(values)
         key = (tuple(p._version for p in self.parameters()), torch.is_grad_enabled())
         cache, self._kalman_cache = self._kalman_cache, None
         if (cache is not None and cache[1] == key and cache[2] is u and cache[3] is mask
                 and len(cache[0]) == len(values)
                 and all(c is v for c, v in zip(cache[0], values))):
             return cache[4]
-        a = torch.stack(values, 1)
+        a = values[0] if len(values) == 1 and values[0].dim() == 3 else torch.stack(values, 1)
         ssm = self.ssm(a, u)
         post = ssm.posterior(a.to(ssm.A.dtype), mask)
         self._kalman_cache = (values, key, u, mask, post)
@@ -190,16 +190,20 @@ class KVAE(DVAE):
               mask: Optional[torch.Tensor] = None, num_sequences: Optional[int] = None,
               beta: float = 1.0) -> None:
         """p(x, a, z | u) = p(x | a) p(a) p(z | a) (6.7 written as 6.11 does): sites a_1 .. a_T,
-        z_T .. z_1, then x_1 .. x_T (module docstring)."""
+        z_T .. z_1, then x_1 .. x_T (module docstring); inside :func:`fused_sites` one site per
+        family, ``a``, ``z`` and ``x``, with the same densities."""
         x, u = self.prepare_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         batch, T = x.shape[:2]
         with self.plate(x, num_sequences):
             marginal = LDSMarginal(self, batch, T, x, u, mask)
             with kl_weight(beta):
-                for t in pyro.markov(range(T)):
-                    marginal.record(t, pyro.sample(f"a_{t + 1}", marginal.step(t)))
-                marginal.posterior().sample_sites("z")
+                if self.fused():
+                    marginal.record_all(pyro.sample("a", LDSMarginalSite(marginal)))
+                else:
+                    for t in pyro.markov(range(T)):
+                        marginal.record(t, pyro.sample(f"a_{t + 1}", marginal.step(t)))
+                marginal.posterior().sample_sites("z", fused=self.fused())
             self.observe("x", x, mask, lambda: self.decode(marginal.stacked()))
 
     # ---- generation and reconstruction --------------------------------------------------------
@@ -270,13 +274,22 @@ class LDSMarginal:
         self.dim = model.a_dim
         self.values = [None] * T
         self.count = 0
+        #: the recorded a (batch, T, a_dim) when recorded at once (a fused site)
+        self._stacked = None
         self._post = None
         self._lp = None
 
     def record(self, t: int, value: torch.Tensor) -> torch.Tensor:
         self.count += self.values[t] is None
         self.values[t] = value
-        self._post = self._lp = None
+        self._stacked = self._post = self._lp = None
+        return value
+
+    def record_all(self, value: torch.Tensor) -> torch.Tensor:
+        """Record a_{1:T} at once, ``value`` (batch, T, a_dim) (the fused site ``a``)."""
+        if value is not self._stacked:
+            self.values, self.count = list(value.unbind(1)), self.T
+            self._stacked, self._post, self._lp = value, None, None
         return value
 
     def complete(self) -> bool:
@@ -285,7 +298,7 @@ class LDSMarginal:
     def stacked(self) -> torch.Tensor:
         if not self.complete():
             raise RuntimeError("kvae: a_t was not recorded at every step")
-        return torch.stack(self.values, 1)
+        return self._stacked if self._stacked is not None else torch.stack(self.values, 1)
 
     def step(self, t: int) -> "LDSMarginalStep":
         return LDSMarginalStep(self, t)
@@ -295,7 +308,8 @@ class LDSMarginal:
         if self._post is None:
             if not self.complete():
                 raise RuntimeError("kvae: a_t was not recorded at every step")
-            self._post = self.model.exact_posterior(self.values, self.u, self.mask)
+            self._post = self.model.exact_posterior(
+                self.values if self._stacked is None else self._stacked, self.u, self.mask)
         return self._post
 
     def step_log_probs(self):
@@ -358,3 +372,38 @@ class LDSMarginalStep(TorchDistribution):
         if m.mask is not None:
             lp = torch.where(m.mask[:, self.t].bool(), lp, lp.new_zeros(()))
         return lp
+
+
+class LDSMarginalSite(TorchDistribution):
+    """All steps of :class:`LDSMarginal` as one site (fused sites): p(a_{1:T}) = prod_t
+    p(a_t | a_{1:t-1}), batch shape (batch,), event shape (T, a_dim); ``log_prob`` is the sum of
+    the per-step log-densities (0 on masked steps).  A draw (the model run without a guide) is
+    ancestral, step by step."""
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real_vector, 1)
+    has_rsample = True
+
+    def __init__(self, marginal: LDSMarginal):
+        self.marginal = marginal
+        super().__init__(torch.Size([marginal.batch]), torch.Size([marginal.T, marginal.dim]),
+                         validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        if tuple(batch_shape) == tuple(self.batch_shape):
+            return self
+        raise NotImplementedError(f"LDSMarginalSite cannot be expanded to {tuple(batch_shape)}")
+
+    def rsample(self, sample_shape=torch.Size()):
+        if sample_shape:
+            raise NotImplementedError("a fused site draws one sample per sequence")
+        m = self.marginal
+        for t in range(m.T):
+            m.record(t, m.step(t).rsample())
+        return m.stacked()
+
+    def log_prob(self, value):
+        m = self.marginal
+        if not (m.complete() and value is m.stacked()):
+            m.record_all(value)
+        return m.posterior().filtered.log_lik.sum(-1)

@@ -144,16 +144,48 @@ def test_padding_frames_are_missing_observations():
     assert torch.allclose(ssm.log_prob(values(mt, "a"), mask)[0], sub.log_prob(obs)[0])
 
 
-def test_meanfield_equals_trace_elbo():
-    """Same site order in model and guide: TraceMeanField_ELBO is valid (and, with no KL
-    registered for these sites, the same estimator as Trace_ELBO), no warning under validation."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_meanfield_equals_trace_elbo(fused):
+    """Same site order in model and guide: TraceMeanField_ELBO is valid, no warning under
+    validation.  Its z terms are the registered KL(q || p) = 0 of the shared exact posterior,
+    where Trace_ELBO takes log q - log p (0 too, through the sampler): the same loss and the same
+    gradients, per-step and fused sites."""
+    from pyro_dvae.models.base import fused_sites
+
     model, guide = small()
     x, mask = data()
-    losses = []
+    params = list(model.parameters()) + list(guide.parameters())
+    losses, grads = [], []
     for elbo in (Trace_ELBO(), TraceMeanField_ELBO()):
         pyro.set_rng_seed(3)
-        losses.append(elbo.loss(model.model, guide, x, None, mask))
-    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+        with fused_sites(fused):
+            loss = elbo.differentiable_loss(model.model, guide, x, None, mask)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    assert float(losses[0].detach()) == pytest.approx(float(losses[1].detach()), rel=1e-12)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_kalman_kl_is_zero_only_for_the_same_posterior():
+    from torch.distributions import kl_divergence
+
+    model, guide = small()
+    x, mask = data()
+    posts = []
+    for _ in range(2):
+        gt = poutine.trace(guide).get_trace(x, None, mask)
+        posts.append(gt.nodes["z_1"]["fn"].posterior)
+    q, p = posts
+    assert q is not p
+    kl = kl_divergence(q.step(2), q.step(2))
+    assert kl.shape == (B,) and bool((kl == 0).all()) and not kl.requires_grad
+    assert bool((kl_divergence(q, q) == 0).all())
+    for a, b in ((q.step(2), p.step(2)), (q.step(2), q.step(3)), (q, p)):
+        with pytest.raises(NotImplementedError):
+            kl_divergence(a, b)
 
 
 def test_generate_and_reconstruction_modes():
