@@ -629,17 +629,43 @@ class KalmanPosterior(TorchDistribution):
                  mask: torch.Tensor | None = None, validate_args=None):
         self.ssm, self.a, self.mask = ssm, a, mask
         self.filtered = ssm.filter(a, mask)
-        # all T factors: J_T = 0, c_T = m_{T|T}, S_T = P_{T|T}
-        self.gain, self.offset, self.cond_cov = ssm._backward(self.filtered)
-        self.scale_tril = cholesky(self.cond_cov)
+        self._factors = None
         self._smoothed = None
         self.T, self.dim = ssm.T, ssm.state_dim
         self.values = [None] * self.T
         self._count = 0
         self._step_log_prob = None
         self._draw = None
-        super().__init__(self.offset.shape[:-2], torch.Size([self.T, self.dim]),
+        super().__init__(self.filtered.loc.shape[:-2], torch.Size([self.T, self.dim]),
                          validate_args=validate_args)
+
+    def _backward_factors(self):
+        """(J, c, S, chol S) of all T factors (J_T = 0, c_T = m_{T|T}, S_T = P_{T|T}), computed
+        when first needed: the log-likelihood alone needs the filter only."""
+        if self._factors is None:
+            gain, offset, cond_cov = self.ssm._backward(self.filtered)
+            self._factors = (gain, offset, cond_cov, cholesky(cond_cov))
+        return self._factors
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """J_t of the factors p(z_t | z_{t+1}, a_{1:t}), (..., T, L, L)."""
+        return self._backward_factors()[0]
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """c_t, (..., T, L)."""
+        return self._backward_factors()[1]
+
+    @property
+    def cond_cov(self) -> torch.Tensor:
+        """S_t, (..., T, L, L)."""
+        return self._backward_factors()[2]
+
+    @property
+    def scale_tril(self) -> torch.Tensor:
+        """chol S_t, (..., T, L, L)."""
+        return self._backward_factors()[3]
 
     @property
     def smoothed(self) -> KalmanSmootherResult:
@@ -731,12 +757,8 @@ class KalmanPosterior(TorchDistribution):
             return None
         return self._draw[t]
 
-    def sample_sites(self, name: str = "z", fused: bool = False) -> torch.Tensor:
-        """Emit Pyro sites ``name_T, ..., name_1`` (backward sampling), or with ``fused`` one site
-        ``name`` of event shape (T, L) (this distribution itself; the same draw and density);
-        returns z (..., T, L)."""
-        if fused:
-            return pyro.sample(name, self)
+    def sample_sites(self, name: str = "z") -> torch.Tensor:
+        """Emit Pyro sites ``name_T, ..., name_1`` (backward sampling); returns z (..., T, L)."""
         for t in pyro.markov(range(self.T - 1, -1, -1)):
             self.record(t, pyro.sample(f"{name}_{t + 1}", self.step(t)))
         return self.stacked()
@@ -802,21 +824,14 @@ class KalmanStep(TorchDistribution):
             f"KalmanStep cannot be expanded from {tuple(self.batch_shape)} to {tuple(batch_shape)}")
 
 
-# ---- KL divergences for TraceMeanField_ELBO -----------------------------------------------------
+# ---- KL divergence for TraceMeanField_ELBO --------------------------------------------------------
 # A model whose prior over z_{1:T} is the guide's exact posterior (KVAE: p(z | a) in both, one
 # object) has KL(q || p) = 0 at every step, identically in the parameters: registering it lets
 # TraceMeanField_ELBO take that exact 0 instead of log q - log p (the same value, 0, computed from
 # the backward factors, the sampler and their gradients, which cancel between model and guide).
-# Any other pair is left to the Monte Carlo term (NotImplementedError), per step and fused alike.
+# Any other pair is left to the Monte Carlo term (NotImplementedError).
 @register_kl(KalmanStep, KalmanStep)
 def _kl_kalman_step(q: KalmanStep, p: KalmanStep):
     if q.posterior is p.posterior and q.t == p.t:
         return q.posterior.offset.new_zeros(q.batch_shape)
-    raise NotImplementedError
-
-
-@register_kl(KalmanPosterior, KalmanPosterior)
-def _kl_kalman_posterior(q: KalmanPosterior, p: KalmanPosterior):
-    if q is p:
-        return q.offset.new_zeros(q.batch_shape)
     raise NotImplementedError

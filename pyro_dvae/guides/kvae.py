@@ -9,7 +9,8 @@ sampling
 
 Site order: ``a_1 .. a_T``, then ``z_T, z_{T-1}, .., z_1``; z_t is drawn from
 p(z_t | z_{t+1}, a_{1:t}) (z_T from p(z_T | a_{1:T})), so the z block as a whole is conditioned on
-a_{1:T}.  Masked (padded) a_t are missing observations of the filter.
+a_{1:T}.  Masked (padded) a_t are missing observations of the filter.  Inside
+:func:`~pyro_dvae.models.base.fused_sites` one site ``a`` and no z sites (see :meth:`KVAE.model`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ class KVAEGuide(Guide):
     def guide(self, x, u=None, mask=None):
         loc, scale = self.head(self.encoder(x))
         a = self.sample_independent("a", x, mask, loc, scale)
+        if self.model.fused():  # no z sites: they cancel with the model's (KVAE.model)
+            return
         # shared with the model's p(a_t | a_{1:t-1}) and p(z | a) (one Kalman filter per step)
-        fused = self.model.fused()
-        post = self.model.exact_posterior(a.stacked() if fused else a.values, u, mask)
-        post.sample_sites("z", fused=fused)
+        self.model.exact_posterior(a.values, u, mask).sample_sites("z")
 
 
 GUIDES = {g.name: g for g in (KVAEGuide,)}

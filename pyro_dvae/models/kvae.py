@@ -23,8 +23,12 @@ integrated out) and p(z_{1:T} | a_{1:T}) the same backward-sampling factors as t
 log p(a_{1:T}) + log p(z_{1:T} | a_{1:T}) = log p(a_{1:T}, z_{1:T}) for every value (tested against
 the ancestral factors), so ``Trace_ELBO`` gives exactly the bound (6.18) of the model (6.7); and as
 q(z | a) is the exact posterior, the z sites cancel between model and guide and add no Monte Carlo
-noise.  Because the orders match, ``TraceMeanField_ELBO`` is valid too (no analytic KL is
-registered for these sites, so it takes the Monte Carlo term at each, = ``Trace_ELBO``).
+noise.  Because the orders match, ``TraceMeanField_ELBO`` is valid too: the KL registered for
+these sites is the exact 0 of a step of one posterior against itself (the Monte Carlo term of
+``Trace_ELBO`` is that 0 too, through the sampler).  Inside
+:func:`~pyro_dvae.models.base.fused_sites` (training and validation losses) the a_t and x_t
+families are one site each and the z sites are left out, model and guide alike: their terms are 0
+in value and gradient (:meth:`KVAE.model`).
 :meth:`KVAE.generate` samples ancestrally (6.7): z_t, a_t, x_t step by step.
 
 Masks (padded frames): a masked a_t is a missing observation of the LDS -- q(a_t | x_t) and
@@ -190,8 +194,13 @@ class KVAE(DVAE):
               mask: Optional[torch.Tensor] = None, num_sequences: Optional[int] = None,
               beta: float = 1.0) -> None:
         """p(x, a, z | u) = p(x | a) p(a) p(z | a) (6.7 written as 6.11 does): sites a_1 .. a_T,
-        z_T .. z_1, then x_1 .. x_T (module docstring); inside :func:`fused_sites` one site per
-        family, ``a``, ``z`` and ``x``, with the same densities."""
+        z_T .. z_1, then x_1 .. x_T (module docstring).
+
+        Inside :func:`fused_sites`: sites ``a`` and ``x`` (one per family, the same densities)
+        and no z sites.  p(z | a) of the model is the guide's q(z | a), the same object, so the z
+        terms of the ELBO are log p(z | a) - q(z | a) = 0 for every draw and every parameter
+        value: leaving them out keeps the loss and its gradient (they cancelled) and skips the
+        backward factors, the sampler and their gradients."""
         x, u = self.prepare_inputs(x, u, mask)
         pyro.module(self.pyro_name, self)
         batch, T = x.shape[:2]
@@ -203,7 +212,7 @@ class KVAE(DVAE):
                 else:
                     for t in pyro.markov(range(T)):
                         marginal.record(t, pyro.sample(f"a_{t + 1}", marginal.step(t)))
-                marginal.posterior().sample_sites("z", fused=self.fused())
+                    marginal.posterior().sample_sites("z")
             self.observe("x", x, mask, lambda: self.decode(marginal.stacked()))
 
     # ---- generation and reconstruction --------------------------------------------------------
