@@ -6,10 +6,13 @@ and LSTMs run in bfloat16, while the parameters, their gradients and the optimis
 float32 (autocast casts a copy per run; nothing is stored in bfloat16).  The numerically sensitive
 parts are computed in float32 from their (possibly bfloat16) inputs: the Gaussian log-densities and
 KL divergences and the likelihood sums of :mod:`pyro_dvae.distributions.sequence` (through
-:func:`fp32`), and every region that opts out with :func:`full_precision` (the Kalman algebra).
+:func:`fp32`), every region that opts out with :func:`full_precision`, and the functions decorated
+with :func:`exact`, which run in the dtype of their inputs (the Kalman filter, smoother, sampler and
+densities of :mod:`pyro_dvae.distributions.kalman` and KVAE's mixing of the LDS matrices, in
+float64 by default or float32 with ``-o kalman_dtype=float32``).
 
 The loss of a bf16 run differs from the fp32 loss of the same weights, seed and batch by the
-rounding of the network outputs to 8 significant bits: tests/test_precision.py bounds it at 2 % of
+rounding of the network outputs to 8 significant bits: tests/test_fast_paths.py bounds it at 2 % of
 the loss (measured: a few tenths of a per cent at initialisation), and
 benchmarks/precision_training.py shows that training curves and test metrics agree within
 run-to-run noise.
@@ -18,7 +21,8 @@ run-to-run noise.
 from __future__ import annotations
 
 import contextlib
-from typing import Union
+import functools
+from typing import Callable, Union
 
 import torch
 
@@ -44,6 +48,22 @@ def full_precision(like: torch.Tensor):
     if not torch.is_autocast_enabled(like.device.type):
         return contextlib.nullcontext()
     return torch.autocast(like.device.type, enabled=False)
+
+
+def exact(fn: Callable) -> Callable:
+    """Decorator: ``fn`` runs with autocast off on every device type where it is on, so its
+    products keep the dtype of their inputs (float32 or float64) even inside a ``bf16`` forward
+    pass (the Kalman algebra of :mod:`pyro_dvae.distributions.kalman`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def fp32(t: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,8 @@ Backward gains are Cholesky solves against P_{t|t-1}, the backward-conditional a
 covariances are sums of positive semi-definite terms, all covariances are symmetrised, and every
 factorisation goes through :func:`cholesky` (jitter, then projection onto the PD cone, for
 matrices that rounding made indefinite).  Works in float32 and float64, batched over any leading
-shape, and is differentiable with respect to every input.
+shape, and is differentiable with respect to every input.  Autocast is off inside (bf16 mixed
+precision leaves this algebra in the dtype of its inputs: :func:`pyro_dvae.precision.exact`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ import pyro
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints, register_kl
+
+from ..precision import exact
 
 #: how the filter, smoother and backward sampler run over time (module docstring)
 METHODS = ("auto", "scan", "sequential")
@@ -363,6 +366,7 @@ class LinearGaussianSSM(TorchDistribution):
     support = constraints.real
     has_rsample = True
 
+    @exact
     def __init__(self, init_loc, init_cov, A, C, Q, R, B=None, u=None, offset=None,
                  method: str = "auto", validate_args=None):
         if method not in METHODS:
@@ -407,6 +411,7 @@ class LinearGaussianSSM(TorchDistribution):
         super().__init__(batch_shape, torch.Size([T, D]), validate_args=validate_args)
 
     # ---- Kalman filter -------------------------------------------------------------------------
+    @exact
     def filter(self, a: torch.Tensor, mask: torch.Tensor | None = None) -> KalmanFilterResult:
         """Forward pass: predicted and filtered moments and per-step log-likelihoods.
 
@@ -512,6 +517,7 @@ class LinearGaussianSSM(TorchDistribution):
         return self.filter(a, mask).log_lik.sum(-1)
 
     # ---- backward quantities ---------------------------------------------------------------------
+    @exact
     def _backward(self, filt: KalmanFilterResult):
         """The factors N(z_t; c_t + J_t z_{t+1}, S_t) of p(z_t | z_{t+1}, a_{1:t}), t = 1..T.
 
@@ -537,6 +543,7 @@ class LinearGaussianSSM(TorchDistribution):
                 torch.cat([c, filt.loc[..., -1:, :]], -2),
                 torch.cat([cond_cov, filt.cov[..., -1:, :, :]], -3))
 
+    @exact
     def smooth(self, a: torch.Tensor, mask: torch.Tensor | None = None,
                filt: KalmanFilterResult | None = None, factors=None) -> KalmanSmootherResult:
         """Rauch-Tung-Striebel smoother: p(z_t | a_{1:T}) and Cov[z_{t+1}, z_t | a_{1:T}].
@@ -566,6 +573,7 @@ class LinearGaussianSSM(TorchDistribution):
         return KalmanPosterior(self, a, mask)
 
     # ---- sampling ---------------------------------------------------------------------------
+    @exact
     def rsample_joint(self, sample_shape=torch.Size()):
         """Ancestral sample (z_{1:T}, a_{1:T}), each (sample_shape + batch_shape, T, .)."""
         shape = torch.Size(sample_shape) + self.batch_shape
@@ -639,6 +647,7 @@ class KalmanPosterior(TorchDistribution):
         super().__init__(self.filtered.loc.shape[:-2], torch.Size([self.T, self.dim]),
                          validate_args=validate_args)
 
+    @exact
     def _backward_factors(self):
         """(J, c, S, chol S) of all T factors (J_T = 0, c_T = m_{T|T}, S_T = P_{T|T}), computed
         when first needed: the log-likelihood alone needs the filter only."""
@@ -682,6 +691,7 @@ class KalmanPosterior(TorchDistribution):
         """log p(a_{1:T}) (observed steps), (...)."""
         return self.filtered.log_lik.sum(-1)
 
+    @exact
     def conditional(self, t: int, z_next: torch.Tensor | None):
         """(loc, scale_tril) of p(z_t | z_{t+1}, a_{1:t}); t is 0-based, z_next None at t = T-1."""
         loc = self.offset[..., t, :]
@@ -689,6 +699,7 @@ class KalmanPosterior(TorchDistribution):
             loc = loc + _mv(self.gain[..., t, :, :], z_next)
         return loc, self.scale_tril[..., t, :, :]
 
+    @exact
     def rsample(self, sample_shape=torch.Size()):
         """z_t = c_t + J_t z_{t+1} + S_t^{1/2} eps_t from t = T down (reparameterised): a reverse
         associative scan of these affine maps, or step by step."""
@@ -706,6 +717,7 @@ class KalmanPosterior(TorchDistribution):
             zs.append(z)
         return torch.stack(zs[::-1], -2)
 
+    @exact
     def _factor_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z_t | z_{t+1}, a_{1:t}) for every t, (..., T)."""
         z_next = torch.cat([z[..., 1:, :], torch.zeros_like(z[..., :1, :])], -2)
@@ -800,6 +812,7 @@ class KalmanStep(TorchDistribution):
     def covariance_matrix(self):
         return self.posterior.cond_cov[..., self.t, :, :]
 
+    @exact
     def rsample(self, sample_shape=torch.Size()):
         if not sample_shape:
             z = self.posterior.draw_step(self.t)
@@ -810,6 +823,7 @@ class KalmanStep(TorchDistribution):
                           device=loc.device)
         return loc + _mv(tril, eps)
 
+    @exact
     def log_prob(self, value):
         post = self.posterior
         if post.values[self.t] is value and post.complete():

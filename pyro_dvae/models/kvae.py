@@ -59,6 +59,7 @@ from torch.distributions import constraints
 
 from ..distributions.kalman import METHODS, LinearGaussianSSM, _mvn_log_prob_tril, cholesky
 from ..nn import MLP, RNN, shift_right
+from ..precision import exact, fp32
 from .base import DVAE, kl_weight, use_mean
 
 #: names of the parameters of the LG-LDS part (frozen in the first training phase)
@@ -113,7 +114,9 @@ class KVAE(DVAE):
         return state
 
     # ---- the LG-LDS ---------------------------------------------------------------------------
+    @exact
     def _mix(self, alpha: torch.Tensor):
+        alpha = fp32(alpha)  # the LDS matrices in full precision under bf16 autocast too
         A = torch.einsum("...k,kij->...ij", alpha, self.A_bank)
         B = torch.einsum("...k,kij->...ij", alpha, self.B_bank)
         C = torch.einsum("...k,kij->...ij", alpha, self.C_bank)
@@ -125,11 +128,14 @@ class KVAE(DVAE):
         Step t uses a_{0:t-1} only (a_0 = 0): alpha_t = softmax(W LSTM(a_{0:t-1})) (13.6-13.8).
         """
         a_prev = shift_right(a)
-        alpha = torch.softmax(self.alpha_out(self.alpha_rnn(a_prev)), -1)
+        alpha = torch.softmax(fp32(self.alpha_out(self.alpha_rnn(a_prev))), -1)
         A, B, C = self._mix(alpha)
-        inp = a_prev if u is None else torch.cat([a_prev, u], -1)
-        offset = (B @ inp.unsqueeze(-1)).squeeze(-1)
-        return A, C, offset
+        return A, C, self._offset(B, a_prev, u)
+
+    @exact
+    def _offset(self, B: torch.Tensor, a_prev: torch.Tensor, u: Optional[torch.Tensor]):
+        inp = fp32(a_prev) if u is None else torch.cat([fp32(a_prev), fp32(u)], -1)
+        return (B @ inp.unsqueeze(-1)).squeeze(-1)
 
     @property
     def Q(self) -> torch.Tensor:
@@ -326,6 +332,7 @@ class LDSMarginal:
             self._lp = self.posterior().filtered.log_lik.unbind(1)
         return self._lp
 
+    @exact
     def step_params(self, t: int):
         """(loc, scale_tril) of p(a_t | a_{1:t-1}) from the recorded prefix."""
         if any(v is None for v in self.values[:t]):

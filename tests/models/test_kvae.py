@@ -393,3 +393,39 @@ def test_deepcopy_and_check_posterior_after_a_guide_only_run():
     assert report is not None
     # the original keeps its cache: the next model call still shares the guide's filter
     assert model._kalman_cache is not None
+
+
+@pytest.mark.parametrize("kalman_dtype", ["float32", "float64"])
+def test_kalman_algebra_stays_in_its_dtype_under_bf16_autocast(kalman_dtype):
+    """bf16 mixed precision (``--precision bf16``) leaves the Kalman algebra in ``kalman_dtype``
+    (the same filter, smoother, posterior draw and densities as outside autocast for the same
+    LDS), and the mixed matrices are convex combinations in full precision (the softmax weights
+    sum to 1 although the alpha network runs in bf16)."""
+    from pyro_dvae.precision import autocast
+
+    torch.manual_seed(0)
+    model, _ = pyro_dvae.build("kvae", x_dim=F, z_dim=3, a_dim=4, K=3, kalman_dtype=kalman_dtype)
+    a = torch.randn(2, 6, 4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    ssm = model.ssm(a)
+    a_k = a.to(ssm.A.dtype)
+
+    def run():
+        post = ssm.posterior(a_k, mask)
+        torch.manual_seed(1)
+        z = post.rsample()
+        return (post.filtered.log_lik, post.smoothed.cov, z, post.log_prob(z),
+                post.conditional(2, z[:, 3])[0], ssm.filter(a_k).loc)
+
+    ref = run()
+    with autocast("bf16"):
+        out = run()
+        with torch.no_grad():
+            model.A_bank.copy_(torch.eye(3).expand(3, 3, 3))
+        A = model.ssm(a).A
+    for r, o in zip(ref, out):
+        assert o.dtype == getattr(torch, kalman_dtype)
+        assert torch.allclose(r, o, rtol=1e-6, atol=1e-6)
+    assert A.dtype == getattr(torch, kalman_dtype)
+    assert torch.allclose(A, torch.eye(3, dtype=A.dtype).expand_as(A), atol=1e-6)
