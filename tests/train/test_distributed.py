@@ -27,27 +27,16 @@ from pyro_dvae.train import CheckpointError, epoch_permutation, fit, load_checkp
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
+sys.path.insert(0, str(HERE.parent))  # also run as a script by the worker processes
+import synthetic as _synthetic  # noqa: E402
 # n = 11 sequences with 2 ranks: every epoch is padded by one sequence (DistributedSampler's rule)
 SPEC = {"n_train": 11, "n_val": 7, "epochs": 2, "batch_size": 3, "lr": 1e-2, "seed": 3}
 RUN_FILES = {"config.json", "history.json", "loss.png", "best.pt", "last.pt"}
 
 
-class Synthetic(torch.utils.data.Dataset):
-    """Positive (power-spectrogram-like) float64 sequences, some with a padded tail."""
-
-    def __init__(self, n, seed, T=8, F=6):
-        g = torch.Generator().manual_seed(seed)
-        base = torch.rand(n, 1, F, generator=g, dtype=torch.float64) + 0.1
-        self.x = base * (torch.rand(n, T, F, generator=g, dtype=torch.float64) + 0.05)
-        self.mask = torch.ones(n, T, dtype=torch.bool)
-        self.mask[::3, T // 2:] = False
-        self.x[~self.mask] = 0.0
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.mask[i]
+def Synthetic(n, seed):
+    """The training tests' toy data (synthetic.py) in float64."""
+    return _synthetic.Synthetic(n, seed, dtype=torch.float64)
 
 
 def tiny_model():

@@ -21,7 +21,8 @@ from pyro_dvae.train import (CheckpointError, RunFolderBusy, TrainConfig, Traini
                              fit, load_checkpoint, run_status)
 from pyro_dvae.train.rundir import LOCK_NAME, RunFolderLock
 
-from .test_train import CFG, Synthetic, params_of, small
+from .synthetic import Synthetic
+from .test_train import CFG, params_of, small
 
 
 def _signal_at(guide, k, signum):

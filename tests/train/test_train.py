@@ -15,24 +15,7 @@ from pyro_dvae.models.vae import VAE
 from pyro_dvae.train import (CheckpointError, TrainConfig, TrainingInterrupted, evaluate_loss,
                              fit, kl_beta, load_checkpoint, load_run)
 
-
-class Synthetic(torch.utils.data.Dataset):
-    """Positive (power-spectrogram-like) sequences with some padded tails."""
-
-    def __init__(self, n=20, T=8, F=6, seed=0, pad=True):
-        g = torch.Generator().manual_seed(seed)
-        base = torch.rand(n, 1, F, generator=g) + 0.1
-        self.x = base * (torch.rand(n, T, F, generator=g) + 0.05)
-        self.mask = torch.ones(n, T, dtype=torch.bool)
-        if pad:
-            self.mask[::3, T // 2:] = False
-            self.x[~self.mask] = 0.0
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.mask[i]
+from .synthetic import Synthetic
 
 
 def small(name="srnn", **kw):
