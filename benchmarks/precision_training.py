@@ -9,7 +9,7 @@ fp32 - bf16 gap against the seed-to-seed spread), ``curves.png`` (validation cur
 ``results.json``.  Not a unit test; the numbers in README.md come from::
 
     nohup nice -n 10 python benchmarks/precision_training.py --data /work/shared/data/speech16k \\
-        --epochs 2 --jobs 2 --out benchmarks/results/precision > precision.log 2>&1 &
+        --epochs 20 --jobs 2 --out benchmarks/results/precision > precision.log 2>&1 &
 
 ``--jobs`` runs at a time, in the order fp32 seed 0, bf16 seed 0, fp32 seed 1, ...: with 2 jobs the
 two precisions of a seed train side by side and see the same machine load.
@@ -102,7 +102,7 @@ def write_outputs(results: list, args, out: Path) -> str:
         f"T = 150, {first['train_sequences']} training / {first['val_sequences']} validation "
         f"sequences, {first['n_files']} test utterances (test-set means; best validation epoch).",
         f"One torch thread per run, {args.jobs} run(s) at a time; machine: {cpu_model()}, "
-        f"{os.cpu_count()} cores shared with other jobs; torch {torch_version()}.",
+        f"{os.cpu_count()} cores; torch {torch_version()}.",
         "",
         *lines, *gap, *per_epoch, ""])
     (out / "table.md").write_text(text)
