@@ -190,7 +190,7 @@ def write_table(results: list, args, stats: dict, path: Path) -> str:
         + f"batch {args.batch_size}, training sequences of T = {args.seq_len}, early stopping "
         f"patience {args.patience}, weights of the best validation epoch, seed {args.seed}; "
         f"model options: {options or 'none (the defaults: the speech sizes of 13.1)'}.",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs, "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, "
         f"{args.threads} torch thread(s) per model, {args.jobs} model(s) at a time, CPU only; "
         f"torch {torch_version()}, Python {platform.python_version()}.",
         "",

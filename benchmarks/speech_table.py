@@ -192,7 +192,7 @@ def write_table(results: list, args, path: Path) -> str:
         f"Budget: at most {args.epochs} epochs, Adam lr {args.lr:g}, batch {args.batch_size}, "
         f"early stopping patience {args.patience}, weights of the best validation epoch; "
         f"{args.threads} torch thread(s) per model, {args.jobs} model(s) at a time, "
-        f"machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs, CPU only; "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, CPU only; "
         f"torch {torch_version()}, Python {platform.python_version()}.",
         "",
         "Test-set means:",
