@@ -847,5 +847,5 @@ class KalmanStep(TorchDistribution):
 @register_kl(KalmanStep, KalmanStep)
 def _kl_kalman_step(q: KalmanStep, p: KalmanStep):
     if q.posterior is p.posterior and q.t == p.t:
-        return q.posterior.offset.new_zeros(q.batch_shape)
+        return q.posterior.filtered.loc.new_zeros(q.batch_shape)  # no backward factors needed
     raise NotImplementedError

@@ -169,14 +169,15 @@ class KVAE(DVAE):
         with the same tensors and unchanged parameters: the model takes the guide's object (one
         Kalman filter per ELBO evaluation, as :meth:`DVAE.shared_context` does for RNN states).
         """
-        values = (values,) if torch.is_tensor(values) else tuple(values)
+        stacked = values if torch.is_tensor(values) else None
+        values = (values,) if stacked is not None else tuple(values)
         key = (tuple(p._version for p in self.parameters()), torch.is_grad_enabled())
         cache, self._kalman_cache = self._kalman_cache, None
         if (cache is not None and cache[1] == key and cache[2] is u and cache[3] is mask
                 and len(cache[0]) == len(values)
                 and all(c is v for c, v in zip(cache[0], values))):
             return cache[4]
-        a = values[0] if len(values) == 1 and values[0].dim() == 3 else torch.stack(values, 1)
+        a = torch.stack(values, 1) if stacked is None else stacked
         ssm = self.ssm(a, u)
         post = ssm.posterior(a.to(ssm.A.dtype), mask)
         self._kalman_cache = (values, key, u, mask, post)
@@ -204,7 +205,7 @@ class KVAE(DVAE):
 
         Inside :func:`fused_sites`: sites ``a`` and ``x`` (one per family, the same densities)
         and no z sites.  p(z | a) of the model is the guide's q(z | a), the same object, so the z
-        terms of the ELBO are log p(z | a) - q(z | a) = 0 for every draw and every parameter
+        terms of the ELBO are log p(z | a) - log q(z | a) = 0 for every draw and every parameter
         value: leaving them out keeps the loss and its gradient (they cancelled) and skips the
         backward factors, the sampler and their gradients."""
         x, u = self.prepare_inputs(x, u, mask)
