@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO  # noqa: E402
 
 import pyro_dvae  # noqa: E402
+from pyro_dvae import kernels  # noqa: E402
 from pyro_dvae.models.base import fused_sites  # noqa: E402
 from pyro_dvae.nn import shift_right  # noqa: E402
 from pyro_dvae.precision import autocast, resolve_device  # noqa: E402
@@ -221,7 +222,8 @@ def _step_fns(model, guide, x, elbo, precision):
             return elbo.differentiable_loss(model.model, guide, x, None, None, 10000)
 
     def plain():
-        return plain_loss(model, guide, x)
+        with kernels.stock():
+            return plain_loss(model, guide, x)
 
     return pyro_loss, plain
 

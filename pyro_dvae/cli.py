@@ -274,11 +274,14 @@ def compute_options(f):
 
 
 def compute(threads, device: str):
-    """Apply ``--threads`` and resolve ``--device`` (an unavailable one is a one-line error)."""
+    """Apply ``--threads``, keep freed memory for reuse (:mod:`pyro_dvae.allocator`) and resolve
+    ``--device`` (an unavailable one is a one-line error)."""
     import torch
 
+    from .allocator import retain_freed_memory
     from .precision import resolve_device
 
+    retain_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import kernels
 from .precision import fp32
 
 ACTIVATIONS = {
@@ -135,6 +136,15 @@ def resolve_architecture(owner: str, defaults: Dict[str, Any],
         arch[name] = _option_value(name, value, defaults[name])
     return {k: (_option_value(k, v, defaults[k]) if v is not None else None)
             for k, v in arch.items()}
+
+
+class OutputLinear(nn.Linear):
+    """``nn.Linear`` for the decoder's output layer (the likelihood's parameters, one per
+    frequency bin): the same parameters and function, computed by :func:`pyro_dvae.kernels.linear`
+    (faster for 257 outputs)."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(y, self.weight, self.bias)
 
 
 class GaussianHead(nn.Module):

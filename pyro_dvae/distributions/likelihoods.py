@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 import pyro.distributions as dist
 
+from ..kernels import itakura_saito_log_prob
+
 
 class Likelihood:
     """Base class: a family of densities on x indexed by the decoder output."""
@@ -83,7 +85,7 @@ class ItakuraSaito(Likelihood):
         return x_dim
 
     def log_prob(self, x, params):
-        return -(params + x * torch.exp(-params)).sum(-1)
+        return itakura_saito_log_prob(x, params)
 
     def mean(self, params):
         return torch.exp(params)

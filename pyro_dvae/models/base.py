@@ -52,7 +52,7 @@ import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 
 from ..distributions import NormalSequence, ObservationSequence, SequenceSite, get_likelihood
-from ..nn import MLP, mlp, resolve_architecture
+from ..nn import MLP, OutputLinear, mlp, resolve_architecture
 from ..precision import full_precision
 
 _instance_counter = itertools.count()
@@ -118,6 +118,10 @@ class DVAE(nn.Module):
         """The hidden layers of architecture option ``key`` (``dense_*``) on ``in_dim`` inputs,
         with the architecture's activation."""
         return mlp(in_dim, self.arch[key], self.arch.get("activation", "tanh"))
+
+    def output_layer(self, in_dim: int) -> OutputLinear:
+        """The decoder's linear output layer (13.1): ``in_dim`` -> the likelihood's parameters."""
+        return OutputLinear(in_dim, self.num_params)
 
     # ---- subclass hooks -------------------------------------------------------------------
     def context(self, x: torch.Tensor, u: Optional[torch.Tensor],

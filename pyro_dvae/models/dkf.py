@@ -67,7 +67,7 @@ class DKF(DVAE):
         self.transition = GatedTransition(z_dim + u_dim, z_dim)
         #: parameterises p(x_t | z_t) (3.11)
         self.decoder = self.mlp(z_dim, "dense_z_x")
-        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
+        self.x_out = self.output_layer(self.decoder.out_dim)
 
     def prior(self, z, ctx, x, u):
         z_prev = shift_right(z)

@@ -24,7 +24,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from torch import nn
 
 from ..nn import MLP, RNN, GaussianHead, shift_right
 from .base import DVAE, kl_weight, use_mean
@@ -47,7 +46,7 @@ class DSAE(DVAE):
         self.prior_head = GaussianHead(prior_hidden, z_dim)
         #: parameterises p(x_t | z_t, v) (11.5-11.6)
         self.decoder = MLP(z_dim + self.v_dim, 32, "tanh", 64, "tanh", 128, "tanh", 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.x_out = self.output_layer(256)
 
     def prior(self, z, ctx, x, u):
         return self.prior_head(self.prior_rnn(shift_right(z)))            # (11.2-11.4)

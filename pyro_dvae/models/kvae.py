@@ -92,7 +92,7 @@ class KVAE(DVAE):
         L, D = self.z_dim, self.a_dim
         #: parameterises p(x_t | a_t) (6.5): MLP(a_t, 128, Tanh, 256, Tanh) (13.1.2)
         self.decoder = MLP(D, 128, "tanh", 256, "tanh")
-        self.x_out = nn.Linear(256, self.num_params)
+        self.x_out = self.output_layer(256)
         # the parameter bank (13.6-13.8): A^(k) = I, B^(k), C^(k) scaled Gaussian (13.1.2)
         self.A_bank = nn.Parameter(torch.eye(L).repeat(self.K, 1, 1))
         self.B_bank = nn.Parameter(init_scale * torch.randn(self.K, L, D + self.u_dim))

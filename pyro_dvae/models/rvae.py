@@ -21,7 +21,6 @@ x never feeds back (not predictive), so generation samples z_{1:T} from the prio
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..nn import RNN, ArchitectureError, BiRNN
 from .base import DVAE
@@ -56,7 +55,7 @@ class RVAE(DVAE):
         self.h_rnn = rnn(self.z_features.out_dim, self.hidden, num_layers=self.arch["num_rnn_h"])
         #: parameterises p(x_t | h_t) (10.5-10.6 / 10.12-10.13)
         self.decoder = self.mlp(self.hidden * (2 if self.bidirectional else 1), "dense_h_x")
-        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
+        self.x_out = self.output_layer(self.decoder.out_dim)
 
     def context(self, x, u, mask):
         # padded frames (mask False) must not reach valid ones through the backward LSTM

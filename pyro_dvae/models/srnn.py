@@ -28,7 +28,6 @@ the guides ``dense_hx_g`` (256; the filtering guide's x MLP), ``dim_rnn_g`` / ``
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..nn import RNN, GaussianHead, shift_right
 from .base import DVAE
@@ -56,7 +55,7 @@ class SRNN(DVAE):
         self.prior_head = GaussianHead(self.prior_net.out_dim, z_dim)
         #: parameterises p(x_t | z_t, h_t) (9.2)
         self.decoder = self.mlp(hidden + z_dim, "dense_hz_x")
-        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
+        self.x_out = self.output_layer(self.decoder.out_dim)
 
     def context(self, x, u, mask):
         inp = self.x_features(shift_right(x))                    # MLP(x_{t-1}), x_0 = 0

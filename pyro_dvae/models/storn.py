@@ -29,7 +29,6 @@ guides/storn.py.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..nn import RNN, shift_right
 from .base import DVAE
@@ -56,7 +55,7 @@ class STORN(DVAE):
                          num_layers=self.arch["num_rnn_h"])
         #: parameterises p(x_t | h_t) (7.5-7.6)
         self.decoder = self.mlp(self.hidden, "dense_h_x")
-        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
+        self.x_out = self.output_layer(self.decoder.out_dim)
 
     def states(self, z, x, u=None):
         """h_t = d_h(x_{t-1}, z_t, h_{t-1}) for all t (7.4), (batch, T, hidden)."""

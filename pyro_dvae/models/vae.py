@@ -12,8 +12,6 @@ the reverse of ``dense_x_z``), ``activation``; the authors' released VAE is
 
 from __future__ import annotations
 
-from torch import nn
-
 from .base import DVAE
 
 
@@ -30,7 +28,7 @@ class VAE(DVAE):
             self.arch["dense_z_x"] = self.arch["dense_x_z"][::-1]
         #: parameterises p(x_t | z_t) (2.3)
         self.decoder = self.mlp(z_dim, "dense_z_x")
-        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
+        self.x_out = self.output_layer(self.decoder.out_dim)
 
     def emission(self, z, ctx, x, u):
         return self.x_out(self.decoder(z))

@@ -40,7 +40,6 @@ from typing import Optional
 
 import pyro
 import torch
-from torch import nn
 
 from ..nn import RNN, GaussianHead
 from .base import DVAE, kl_weight
@@ -70,7 +69,7 @@ class VRNN(DVAE):
         self.prior_head = GaussianHead(self.prior_net.out_dim, z_dim)
         #: parameterises p(x_t | z_t, h_t) (8.2-8.3)
         self.decoder = self.mlp(self.z_features.out_dim + hidden, "dense_hz_x")
-        self.x_out = nn.Linear(self.decoder.out_dim, self.num_params)
+        self.x_out = self.output_layer(self.decoder.out_dim)
         self._state_cache = None
         self._guide_states = None
 

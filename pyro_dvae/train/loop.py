@@ -20,6 +20,7 @@ from torch import nn
 
 import pyro
 
+from ..allocator import retain_freed_memory
 from ..atomic import remove_orphans
 from ..models.base import fused_sites
 from ..precision import autocast
@@ -57,12 +58,14 @@ def fit(model, guide, train_set, val_set, config: Union[TrainConfig, dict, None]
     config.json.  Returns the history dict (as in history.json).  Launched by torchrun (``WORLD_SIZE`` > 1), or with a
     process group initialised, it trains data-parallel with DDP, ``batch_size`` per process
     (:mod:`pyro_dvae.train.distributed`; a lost process raises its ``DistributedError``).
+    The process's malloc keeps freed memory for the next step (:mod:`pyro_dvae.allocator`).
     """
     config = as_config(config)
     if len(train_set) == 0:
         raise ValueError("fit: the training set is empty")
     for name, dataset in (("training", train_set), ("validation", val_set)):
         check_data(model, dataset, name)
+    retain_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
     run = TrainingRun(model, guide, train_set, val_set, config, Path(out_dir), progress)
