@@ -3,22 +3,31 @@
 Paper sizes (13.1, 13.2.2): batch 32, T 150, 257 bins, z 16, hidden 128, one CPU thread.  The
 pyro-dvae step is what ``pyro-dvae fit`` runs: the ELBO on fused sites
 (:func:`pyro_dvae.models.base.fused_sites`) with Pyro validation off, in ``--precision`` (fp32, or
-bf16 mixed precision, :mod:`pyro_dvae.precision`).  The baseline is a plain-PyTorch loss of the same
-networks and weights (no Pyro, always fp32), written the way the authors' reference implementation
-computes it: the guide's recursion step by step with the networks as modules (one-frame LSTM
-calls, concatenations), the prior and decoder vectorised over time, analytic KL plus the
-likelihood term.  It stands for the reference, which measured within 1.00-1.09x of it on SRNN on
-this machine (issue 14).  Pyro and baseline steps are interleaved round by round, so machine load
-hits both alike; the medians are reported, and the ratio pyro seq/s / baseline seq/s.
+bf16 mixed precision, :mod:`pyro_dvae.precision`), with pyro-dvae's CPU kernels
+(:mod:`pyro_dvae.kernels`).  The baseline is a plain-PyTorch loss of the same networks and weights
+(no Pyro, always fp32), written the way the authors' reference implementation computes it: the
+guide's recursion step by step with the networks as modules (one-frame LSTM calls,
+concatenations), the prior and decoder vectorised over time, analytic KL plus the likelihood term,
+with the stock ``nn.Linear`` and autograd likelihood (inside :func:`pyro_dvae.kernels.stock`).  It
+stands for the reference, which measured within 1.00-1.09x of it on SRNN on this machine (issue 14).
+
+Two measurements per model, each the median of ``--repeats`` rounds that alternate the two kinds
+of step, so machine load hits both alike; the ratio is pyro seq/s / baseline seq/s:
+- *one process*: both kinds in this process, with the default allocator;
+- *as run*: each kind in a process of its own, run as it is run in practice: pyro-dvae as ``pyro-dvae
+  fit`` runs it (malloc keeping freed memory, :mod:`pyro_dvae.allocator`), the baseline as the
+  reference runs (the default allocator, which maps the step's large buffers afresh every step).
 
     python benchmarks/step_speed.py [--models srnn dkf] [--precision fp32|bf16] [--T 150 600]
-        [--repeats 7] [--elbo meanfield|trace] [--device cpu|cuda|auto] [--json out.json]
+        [--repeats 7] [--elbo meanfield|trace] [--device cpu|cuda|auto] [--no-processes]
+        [--json out.json]
 
 Peak memory: on the CPU the growth of the RSS of a fresh process during two steps of one kind
 (sampled every millisecond; peak minus the RSS with torch, pyro, model and batch loaded; measured
-after the timing, one process per model and kind); on CUDA ``torch.cuda.max_memory_allocated`` of a step.  KVAE's
-baseline is the reference's own computation of a step (:func:`_kvae_reference_pattern`: another
-objective, same networks), timed only.
+after the timing, one process per model and kind, default allocator); on CUDA
+``torch.cuda.max_memory_allocated`` of a step (and no as-run measurement: CUDA caches its memory).
+KVAE's baseline is the reference's own computation of a step (:func:`_kvae_reference_pattern`:
+another objective, same networks), timed only.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO  # noqa: E402
 
 import pyro_dvae  # noqa: E402
 from pyro_dvae import kernels  # noqa: E402
+from pyro_dvae.allocator import retain_freed_memory  # noqa: E402
 from pyro_dvae.models.base import fused_sites  # noqa: E402
 from pyro_dvae.nn import shift_right  # noqa: E402
 from pyro_dvae.precision import autocast, resolve_device  # noqa: E402
@@ -233,17 +243,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(name, x, elbo, repeats, precision):
-    """Median seconds per step of the pyro-dvae step and of the baseline (None if it has none),
-    interleaved; on CUDA also the peak memory of each (bytes)."""
+def _stepper(name, x, elbo, precision):
+    """``step(kind) -> seconds`` of one training step of ``kind`` (``pyro`` or ``plain``), the
+    kinds available for ``name``, and the peak CUDA memory of the last step of each kind."""
     model, guide = _build(name, x.device)
     opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-4)
     pyro_loss, plain = _step_fns(model, guide, x, elbo, precision)
     kinds = {"pyro": pyro_loss}
-    if plain_loss(model, guide, x[:2]) is not None:
-        kinds["plain"] = plain
+    with kernels.stock():
+        if plain_loss(model, guide, x[:2]) is not None:
+            kinds["plain"] = plain
     cuda = x.device.type == "cuda"
-    times, peaks = {k: [] for k in kinds}, {}
+    peaks = {}
 
     def step(k):
         if cuda:
@@ -258,12 +269,73 @@ def bench(name, x, elbo, repeats, precision):
             peaks[k] = torch.cuda.max_memory_allocated(x.device)
         return time.perf_counter() - t0
 
+    return step, list(kinds), peaks
+
+
+def bench(name, x, elbo, repeats, precision):
+    """Median seconds per step of the pyro-dvae step and of the baseline (None if it has none),
+    interleaved in this process; on CUDA also the peak memory of each (bytes)."""
+    step, kinds, peaks = _stepper(name, x, elbo, precision)
+    times = {k: [] for k in kinds}
     for k in kinds:  # warm-up
         step(k)
     for _ in range(repeats):
         for k in kinds:
             times[k].append(step(k))
     return {k: statistics.median(v) for k, v in times.items()}, peaks
+
+
+def _worker_cmd(args, name, kind, T):
+    return [sys.executable, __file__, "--worker", name, kind, "--T", str(T), "--batch",
+            str(args.batch), "--elbo", args.elbo, "--precision", args.precision, "--threads",
+            str(args.threads), "--device", args.device]
+
+
+def worker(name, kind, T, batch, elbo, precision, device):
+    """One kind's steps in a process of its own, run as it is run in practice: pyro-dvae as
+    ``pyro-dvae fit`` runs it (malloc keeping freed memory, :mod:`pyro_dvae.allocator`), the
+    baseline as the reference runs (the default allocator).  Reads a line per step from stdin
+    and answers with its seconds."""
+    if kind == "pyro":
+        retain_freed_memory()
+    torch.manual_seed(0)
+    x = torch.rand(batch, T, 257, device=device) + 1e-3
+    step, kinds, _ = _stepper(name, x, ELBOS[elbo](), precision)
+    if kind not in kinds:
+        raise SystemExit(f"{name} has no {kind} step")
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print(step(kind), flush=True)
+
+
+def bench_processes(args, name, T, repeats):
+    """Median seconds per step of pyro-dvae and of the baseline, each in its own worker process
+    (:func:`worker`), interleaved round by round."""
+    procs = {kind: subprocess.Popen(_worker_cmd(args, name, kind, T), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+             for kind in ("pyro", "plain")}
+    try:
+        def step(kind):
+            p = procs[kind]
+            p.stdin.write("step\n")
+            p.stdin.flush()
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the {kind} worker for {name} stopped")
+            return float(line)
+
+        times = {k: [] for k in procs}
+        for k in procs:  # warm-up
+            step(k)
+        for _ in range(repeats):
+            for k in procs:
+                times[k].append(step(k))
+        return {k: statistics.median(v) for k, v in times.items()}
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
 
 
 def _rss_mb() -> float:
@@ -326,7 +398,10 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--no-processes", action="store_true",
+                    help="skip the as-run measurement (each kind in its own process)")
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
@@ -334,6 +409,10 @@ def main(argv=None):
     if args.probe:
         print(memory_probe(args.probe[0], args.probe[1], args.T[0], args.batch, args.elbo,
                            args.precision, device))
+        return
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.T[0], args.batch, args.elbo,
+               args.precision, device)
         return
     elbo = ELBOS[args.elbo]()
     print(f"batch {args.batch}, F 257, z 16, {args.threads} thread(s), device {device}, ELBO "
@@ -351,6 +430,11 @@ def main(argv=None):
             row["ratio"] = (row["pyro_seq_s"] / row["plain_seq_s"]) if row["plain_seq_s"] else None
             if device.type == "cuda":
                 row.update({f"{k}_peak_mb": v / 2 ** 20 for k, v in peaks.items()})
+            elif row["plain_seq_s"] and not args.no_processes:
+                run = bench_processes(args, name, T, args.repeats)
+                row.update({"pyro_run_seq_s": args.batch / run["pyro"],
+                            "plain_run_seq_s": args.batch / run["plain"],
+                            "ratio_run": run["plain"] / run["pyro"]})
             rows.append(row)
             print(f"  measured {name} T={T}", file=sys.stderr, flush=True)
     if device.type == "cpu" and not args.no_memory:
@@ -359,14 +443,16 @@ def main(argv=None):
                 if kind == "pyro" or row["plain_seq_s"] is not None:
                     row[f"{kind}_peak_mb"] = _probe(args, row["model"], kind, row["T"])
     mem = "peak MB" if device.type == "cuda" else "step RSS MB"
-    print(f"\n| model (guide) | T | pyro-dvae seq/s | baseline seq/s | ratio | pyro-dvae {mem} "
-          f"| baseline {mem} |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| model (guide) | T | pyro-dvae seq/s | baseline seq/s | ratio | as run: "
+          f"pyro-dvae seq/s | baseline seq/s | ratio | pyro-dvae {mem} | baseline {mem} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
         print(f"| {r['model']} ({r['guide']}) | {r['T']} | {r['pyro_seq_s']:.1f} | "
               f"{f(r['plain_seq_s'], '.1f')} | {f(r['ratio'], '.2f')} | "
+              f"{f(r.get('pyro_run_seq_s'), '.1f')} | {f(r.get('plain_run_seq_s'), '.1f')} | "
+              f"{f(r.get('ratio_run'), '.2f')} | "
               f"{f(r.get('pyro_peak_mb'), '.0f')} | {f(r.get('plain_peak_mb'), '.0f')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

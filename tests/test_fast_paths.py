@@ -6,6 +6,8 @@
 - The written-out recursions of :mod:`pyro_dvae.nn` (``stepwise``, ``lstm_step``,
   ``gaussian_head_step``) equal the modules they stand for (an MLP on the concatenation, one-frame
   ``nn.LSTM`` steps, :class:`~pyro_dvae.nn.GaussianHead`), in float64.
+- The CPU kernels (:mod:`pyro_dvae.kernels`: padded output layer, fused Itakura-Saito likelihood)
+  give the loss and gradients of the stock ops, for every registered model and guide.
 - bfloat16 autocast (:mod:`pyro_dvae.precision`): the loss matches float32 within the documented
   2 %, the parameters and gradients stay float32, the densities are summed in float32.
 """
@@ -47,6 +49,32 @@ def test_fused_sites_give_the_per_step_loss(name, guide_name, elbo_cls):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,guide_name", PAIRS, ids=[f"{n}-{g}" for n, g in PAIRS])
+def test_kernels_give_the_loss_and_gradients_of_the_stock_ops(name, guide_name, monkeypatch):
+    from pyro_dvae import kernels
+
+    monkeypatch.setattr(kernels, "MIN_PADDED_ROWS", 1)   # the padded layer at test sizes too
+    calls = []
+    pad = kernels.F.pad
+    monkeypatch.setattr(kernels.F, "pad", lambda *a, **k: calls.append(1) or pad(*a, **k))
+    model, guide = pyro_dvae.build(name, guide_name, x_dim=6, z_dim=3)
+    model, guide = model.double(), guide.double()
+    x = torch.rand(3, 5, 6, dtype=torch.double) + 0.1
+    mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool)
+    params = list(model.parameters()) + list(guide.parameters())
+    fast = _loss(model, guide, TraceMeanField_ELBO, x, mask, True)
+    g_fast = torch.autograd.grad(fast, params, allow_unused=True)
+    assert calls, "the padded output layer was not used"
+    with kernels.stock():
+        stock = _loss(model, guide, TraceMeanField_ELBO, x, mask, True)
+        g_stock = torch.autograd.grad(stock, params, allow_unused=True)
+    torch.testing.assert_close(fast, stock, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g_fast, g_stock):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_fused_sites_are_one_per_family_and_only_inside_the_context():
