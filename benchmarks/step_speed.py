@@ -14,9 +14,10 @@ stands for the reference, which measured within 1.00-1.09x of it on SRNN on this
 Two measurements per model, each the median of ``--repeats`` rounds that alternate the two kinds
 of step, so machine load hits both alike; the ratio is pyro seq/s / baseline seq/s:
 - *one process*: both kinds in this process, with the default allocator;
-- *as run*: each kind in a process of its own, run as it is run in practice: pyro-dvae as ``pyro-dvae
-  fit`` runs it (malloc keeping freed memory, :mod:`pyro_dvae.allocator`), the baseline as the
-  reference runs (the default allocator, which maps the step's large buffers afresh every step).
+- *as run*: each kind in a process of its own, run as it is run in practice: pyro-dvae as
+  ``pyro-dvae fit`` runs it (malloc keeping freed memory, :mod:`pyro_dvae.allocator`), the
+  baseline as the reference runs (the default allocator, which maps the step's large buffers
+  afresh every step).
 
     python benchmarks/step_speed.py [--models srnn dkf] [--precision fp32|bf16] [--T 150 600]
         [--repeats 7] [--elbo meanfield|trace] [--device cpu|cuda|auto] [--no-processes]
@@ -272,21 +273,28 @@ def _stepper(name, x, elbo, precision):
     return step, list(kinds), peaks
 
 
-def bench(name, x, elbo, repeats, precision):
-    """Median seconds per step of the pyro-dvae step and of the baseline (None if it has none),
-    interleaved in this process; on CUDA also the peak memory of each (bytes)."""
-    step, kinds, peaks = _stepper(name, x, elbo, precision)
+def _interleaved(step, kinds, repeats):
+    """Median seconds of ``step(kind)`` per kind over ``repeats`` rounds that alternate the kinds
+    (after one warm-up step each)."""
     times = {k: [] for k in kinds}
-    for k in kinds:  # warm-up
+    for k in kinds:
         step(k)
     for _ in range(repeats):
         for k in kinds:
             times[k].append(step(k))
-    return {k: statistics.median(v) for k, v in times.items()}, peaks
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _worker_cmd(args, name, kind, T):
-    return [sys.executable, __file__, "--worker", name, kind, "--T", str(T), "--batch",
+def bench(name, x, elbo, repeats, precision):
+    """Median seconds per step of the pyro-dvae step and of the baseline (None if it has none),
+    interleaved in this process; on CUDA also the peak memory of each (bytes)."""
+    step, kinds, peaks = _stepper(name, x, elbo, precision)
+    return _interleaved(step, kinds, repeats), peaks
+
+
+def _self_cmd(args, role, name, kind, T):
+    """This script as a ``--probe`` or ``--worker`` process for ``name`` and ``kind``."""
+    return [sys.executable, __file__, role, name, kind, "--T", str(T), "--batch",
             str(args.batch), "--elbo", args.elbo, "--precision", args.precision, "--threads",
             str(args.threads), "--device", args.device]
 
@@ -312,8 +320,8 @@ def worker(name, kind, T, batch, elbo, precision, device):
 def bench_processes(args, name, T, repeats):
     """Median seconds per step of pyro-dvae and of the baseline, each in its own worker process
     (:func:`worker`), interleaved round by round."""
-    procs = {kind: subprocess.Popen(_worker_cmd(args, name, kind, T), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
+    procs = {kind: subprocess.Popen(_self_cmd(args, "--worker", name, kind, T),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for kind in ("pyro", "plain")}
     try:
         def step(kind):
@@ -325,13 +333,7 @@ def bench_processes(args, name, T, repeats):
                 raise RuntimeError(f"the {kind} worker for {name} stopped")
             return float(line)
 
-        times = {k: [] for k in procs}
-        for k in procs:  # warm-up
-            step(k)
-        for _ in range(repeats):
-            for k in procs:
-                times[k].append(step(k))
-        return {k: statistics.median(v) for k, v in times.items()}
+        return _interleaved(step, list(procs), repeats)
     finally:
         for p in procs.values():
             p.stdin.close()
@@ -379,10 +381,8 @@ def memory_probe(name, kind, T, batch, elbo, precision, device) -> float:
 
 
 def _probe(args, name, kind, T):
-    cmd = [sys.executable, __file__, "--probe", name, kind, "--T", str(T), "--batch",
-           str(args.batch), "--elbo", args.elbo, "--precision", args.precision, "--threads",
-           str(args.threads), "--device", args.device]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(_self_cmd(args, "--probe", name, kind, T), capture_output=True,
+                         text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -11,8 +11,9 @@ not help.
   gradient ``x exp(-p) - 1`` written out, in place on two buffers (forward and backward at (32,
   150, 257): 4.1 ms against 7.5 ms for autograd's chain of elementwise kernels and temporaries).
 
-The fast paths run on CPU, outside autocast, for float32 and float64; elsewhere (CUDA, bf16
-autocast, few rows) the stock ops run.  :func:`stock` turns them off for a block: the
+The fast paths run on CPU for float32 and float64 (the padded layer outside autocast; the
+likelihood, always computed in float32, also under bf16 autocast); elsewhere (CUDA, few rows) the
+stock ops run.  :func:`stock` turns them off for a block: the
 plain-PyTorch baseline of ``benchmarks/step_speed.py`` computes inside it, with the stock
 ``nn.Linear`` and autograd likelihood that the authors' implementation uses.
 Tests: tests/test_kernels.py (values and gradients against the stock ops, float64 gradcheck).
@@ -42,12 +43,13 @@ def stock():
         _STOCK[0] = before
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Whether the fast kernels apply to ``x``: CPU, float32/float64, autocast off, not inside
-    :func:`stock`."""
+def enabled(x: torch.Tensor, under_autocast: bool = False) -> bool:
+    """Whether the fast kernels apply to ``x``: CPU, float32/float64, not inside :func:`stock`,
+    and autocast off unless ``under_autocast`` (a kernel without matrix products, which autocast
+    leaves in its inputs' dtype)."""
     return (not _STOCK[0] and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu"))
+            and (under_autocast or not torch.is_autocast_enabled("cpu")))
 
 
 # ---- the output layer ---------------------------------------------------------------------------
@@ -88,7 +90,8 @@ class _ItakuraSaito(torch.autograd.Function):
 def itakura_saito_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """``-(params + x exp(-params)).sum(-1)``, log p(x | log sigma^2 = params) of the Gamma(1)
     model up to its constant (see :class:`~pyro_dvae.distributions.likelihoods.ItakuraSaito`)."""
-    if not enabled(params) or x.shape != params.shape or x.dtype != params.dtype:
+    if (not enabled(params, under_autocast=True) or x.shape != params.shape
+            or x.dtype != params.dtype):
         return -(params + x * torch.exp(-params)).sum(-1)
     return _ItakuraSaito.apply(x, params)
 

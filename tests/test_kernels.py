@@ -71,6 +71,10 @@ def test_itakura_saito_likelihood_uses_the_kernel_and_falls_back():
         stock = lik.log_prob(x, p)
     assert "ItakuraSaito" not in type(stock.grad_fn).__name__
     torch.testing.assert_close(lik.log_prob(x, p), stock)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # float32 inputs: kernel, in float32
+        under = lik.log_prob(x, p)
+    assert "ItakuraSaito" in type(under.grad_fn).__name__ and under.dtype == torch.float32
+    torch.testing.assert_close(under, stock)
     # broadcasting (one frame against many parameters) takes the stock expression
     torch.testing.assert_close(lik.log_prob(x[:1], p), _stock_is(x[:1], p))
 
