@@ -56,12 +56,13 @@ def test_kernels_give_the_loss_and_gradients_of_the_stock_ops(name, guide_name, 
     from pyro_dvae import kernels
 
     monkeypatch.setattr(kernels, "MIN_PADDED_ROWS", 1)   # the padded layer at test sizes too
+    monkeypatch.setattr(kernels, "MIN_PADDED_OUT", 1)
     calls = []
     pad = kernels.F.pad
     monkeypatch.setattr(kernels.F, "pad", lambda *a, **k: calls.append(1) or pad(*a, **k))
-    model, guide = pyro_dvae.build(name, guide_name, x_dim=6, z_dim=3)
+    model, guide = pyro_dvae.build(name, guide_name, x_dim=17, z_dim=3)   # 17 outputs: padded
     model, guide = model.double(), guide.double()
-    x = torch.rand(3, 5, 6, dtype=torch.double) + 0.1
+    x = torch.rand(3, 5, 17, dtype=torch.double) + 0.1
     mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool)
     params = list(model.parameters()) + list(guide.parameters())
     fast = _loss(model, guide, TraceMeanField_ELBO, x, mask, True)

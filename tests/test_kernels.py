@@ -16,13 +16,13 @@ def _stock_is(x, p):
     return -(p + x * torch.exp(-p)).sum(-1)
 
 
-@pytest.mark.parametrize("out", [257, 20])
+@pytest.mark.parametrize("out", [257, 514])
 def test_padded_output_layer_is_the_linear_layer(out):
     torch.manual_seed(0)
     layer = OutputLinear(48, out).double()
-    h = torch.randn(8, 150, 48, dtype=torch.double, requires_grad=True)
+    h = torch.randn(32, 150, 48, dtype=torch.double, requires_grad=True)
     y = layer(h)
-    assert y.shape == (8, 150, out)
+    assert y.shape == (32, 150, out)
     assert y.stride(-2) == out + (-out % 16)   # computed on the padded weight (a view)
     w = torch.randn_like(y)
     grads = torch.autograd.grad((y * w).sum(), [h, layer.weight, layer.bias])
@@ -35,14 +35,18 @@ def test_padded_output_layer_is_the_linear_layer(out):
 
 
 def test_output_layer_runs_stock_where_padding_does_not_apply():
+    assert [kernels.padded_width(n) for n in (257, 258, 513, 514, 256, 260, 88, 129, 17)] == [
+        272, 272, 528, 528, 256, 260, 88, 129, 17]
     layer = OutputLinear(16, 257)
-    for h in (torch.randn(2, 10, 16), torch.randn(1000, 16)):   # few rows
+    for h in (torch.randn(2, 10, 16), torch.randn(4000, 16)):   # few rows
         assert layer(h).is_contiguous()
+    h = torch.randn(32, 150, 16)
     with kernels.stock():
-        assert layer(torch.randn(8, 150, 16)).is_contiguous()
+        assert layer(h).is_contiguous()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(torch.randn(8, 150, 16)).is_contiguous()
-    assert layer(torch.randn(8, 150, 16)).stride(-2) == 272
+        assert layer(h).is_contiguous()
+    assert OutputLinear(16, 88)(h).is_contiguous()
+    assert layer(h).stride(-2) == 272
     assert set(dict(layer.named_parameters())) == {"weight", "bias"}
     assert layer.weight.shape == (257, 16)   # checkpoints keep the stock shapes
 
