@@ -8,8 +8,9 @@ about 23,000 faults per step for STORN at paper sizes (oneDNN's LSTM workspaces,
 ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` high, so freed blocks stay in the heap and the next
 step reuses them (the same as starting Python with ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` set).  The process keeps its peak memory instead of shrinking between
-steps.  ``pyro-dvae`` calls it in every command that runs a model, and :func:`pyro_dvae.train.fit`
-when it starts; elsewhere (other C libraries, other systems) it does nothing and says so.
+steps.  ``pyro-dvae fit``, ``evaluate``, ``resynth`` and ``generate`` call it, and
+:func:`pyro_dvae.train.fit` when it starts; elsewhere (other C libraries, other systems) it does
+nothing and returns False.
 """
 
 from __future__ import annotations
