@@ -14,10 +14,11 @@ not help.
 
 The fast paths run on CPU for float32 and float64 (the padded layer outside autocast; the
 likelihood, always computed in float32, also under bf16 autocast); elsewhere (CUDA, few rows) the
-stock ops run.  :func:`stock` turns them off for a block: the
-plain-PyTorch baseline of ``benchmarks/step_speed.py`` computes inside it, with the stock
-``nn.Linear`` and autograd likelihood that the authors' implementation uses.
-Tests: tests/test_kernels.py (values and gradients against the stock ops, float64 gradcheck).
+stock ops run.  :func:`stock` turns them off for a block: the plain-PyTorch baseline of
+``benchmarks/step_speed.py`` computes inside it, with the stock ``nn.Linear`` and autograd
+likelihood that the authors' implementation uses.  Tests: tests/test_kernels.py (values and
+gradients against the stock ops, float64 gradcheck) and tests/test_fast_paths.py (the loss and
+gradients of every registered model and guide against :func:`stock`).
 """
 
 from __future__ import annotations
